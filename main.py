@@ -1,0 +1,47 @@
+"""Entry point: ``python main.py --config=configs/qm9.py:homo --workdir=runs/qm9_homo``.
+
+Trains (or resumes, if ``--workdir`` holds a checkpoint) and evaluates one model; every config
+field can be overridden, e.g. ``--config.batch_size=64``. ``python main.py predict ...`` is
+handed to ``scannet_jax.cli_predict.main(argv)`` (the arguments after ``predict``).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from scannet_jax import train  # after flag parsing: JAX starts here
+
+    workdir = Path(FLAGS.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = std_logging.FileHandler(workdir / "train.log")
+    log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    std_logging.getLogger().addHandler(log_file)
+    logging.set_verbosity(logging.WARNING)  # libraries logging through absl (Orbax) only warn
+    std_logging.getLogger("scannet_jax").setLevel(std_logging.INFO)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "predict":
+        from scannet_jax import cli_predict
+
+        sys.exit(cli_predict.main(sys.argv[2:]))
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,369 @@
+"""Fixed-size padded batches from a `GraphStore` (NumPy; only `graph_masks` runs under jit).
+
+Every batch is padded to one of a few `Bucket` shapes so that a jitted step compiles once per
+bucket. The layout is jraph's `pad_with_graphs`: the real graphs, then one graph holding every
+padding node and edge (padding edges point at the first padding node, padding Z = 0), then empty
+graphs. Batches are gathered from the CSR arrays with vectorised index arithmetic (no per-graph
+Python loop), so a CPU thread prepares several hundred batches of 128 QM9 molecules per second.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, TypeVar
+
+import jax
+import jraph
+import numpy as np
+
+from scannet_jax.graphs import GraphStore, concat_ranges
+
+T = TypeVar("T")
+
+
+class Bucket(NamedTuple):
+    """Padded sizes of one batch shape (totals over the batch, padding graph included)."""
+
+    n_node: int
+    n_edge: int
+    n_graph: int
+
+
+def _round_up(x: np.ndarray | int, multiple: int) -> np.ndarray:
+    return -(-np.asarray(x) // multiple) * multiple
+
+
+def worst_case_bucket(store: GraphStore, indices: np.ndarray, batch_size: int, round_to: int = 64) -> Bucket:
+    """The smallest bucket (up to rounding) that fits ANY batch of `batch_size` of `indices`.
+
+    It holds the `batch_size` largest structures by atoms (plus the one padding node that
+    `pad_with_graphs` needs) and, separately, the `batch_size` largest by edges.
+    """
+    k = min(batch_size, len(indices))
+    n_node = np.sort(store.n_node[indices])[::-1][:k].sum() + 1
+    n_edge = np.sort(store.n_edge[indices])[::-1][:k].sum()
+    return Bucket(int(_round_up(n_node, round_to)), int(_round_up(max(n_edge, 1), round_to)), batch_size + 1)
+
+
+def _sample_batch_totals(
+    n_node: np.ndarray, n_edge: np.ndarray, batch_size: int, num_batches: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Node and edge totals of `num_batches` full batches from shuffled epochs. [M] int64 each."""
+    rng = np.random.default_rng(seed)
+    per_epoch = len(n_node) // batch_size
+    epochs = -(-num_batches // per_epoch)
+    nodes, edges = [], []
+    for _ in range(epochs):
+        order = rng.permutation(len(n_node))[: per_epoch * batch_size]
+        nodes.append(n_node[order].reshape(per_epoch, batch_size).sum(1))
+        edges.append(n_edge[order].reshape(per_epoch, batch_size).sum(1))
+    return np.concatenate(nodes)[:num_batches], np.concatenate(edges)[:num_batches]
+
+
+def _best_thresholds(sorted_edges: np.ndarray, num: int, grid: int = 200) -> list[int]:
+    """`num` edge thresholds (the last = the maximum) minimising the summed padded edges.
+
+    Dynamic programme over candidate thresholds at `grid` quantiles of the sampled totals; a
+    bucket ending at threshold t_b after t_a costs (#batches in (t_a, t_b]) * t_b.
+    """
+    cands = np.unique(np.quantile(sorted_edges, np.linspace(0, 1, grid + 1), method="higher"))
+    counts = np.searchsorted(sorted_edges, cands, side="right")
+    g = len(cands)
+    num = min(num, g)
+    cost = np.full((num + 1, g), np.inf)
+    back = np.zeros((num + 1, g), np.int64)
+    cost[1] = counts * cands
+    for k in range(2, num + 1):
+        for b in range(g):
+            prev = cost[k - 1, :b] + (counts[b] - counts[:b]) * cands[b]
+            if prev.size:
+                back[k, b] = int(np.argmin(prev))
+                cost[k, b] = prev[back[k, b]]
+    # the best plan with at most `num` buckets ending at the largest candidate
+    k = int(np.argmin(cost[1:, g - 1])) + 1
+    b, chosen = g - 1, []
+    while k >= 1:
+        chosen.append(int(cands[b]))
+        b, k = back[k, b], k - 1
+    return sorted(chosen)
+
+
+def choose_buckets(
+    store: GraphStore,
+    indices: np.ndarray | None,
+    batch_size: int,
+    *,
+    max_buckets: int = 4,
+    num_sample_batches: int = 20_000,
+    round_to: int = 64,
+    seed: int = 0,
+) -> list[Bucket]:
+    """Chooses at most `max_buckets` batch shapes from the data set's size distribution.
+
+    The node/edge totals of many simulated shuffled batches are computed; `max_buckets - 1`
+    edge thresholds (the last one = the largest simulated total) are placed to minimise the
+    expected number of padded edges, and each such bucket gets the largest node total seen among
+    the batches it would take. The last bucket is `worst_case_bucket`: it fits any batch of
+    `batch_size` structures of `indices` and is used only by a batch that fits no other.
+
+    Args:
+      store: the data set.
+      indices: positions in `store` that will be batched (None = all).
+      batch_size: structures per batch.
+      max_buckets: number of shapes, >= 1 (the worst-case bucket included).
+      num_sample_batches: simulated batches used to place the thresholds.
+      round_to: node and edge budgets are rounded up to a multiple of this.
+      seed: seed of the simulation (the result is deterministic).
+
+    Returns:
+      Buckets sorted by size, all with n_graph = batch_size + 1; every batch of at most
+      `batch_size` structures of `indices` fits the last one.
+    """
+    if max_buckets < 1 or batch_size < 1:
+        raise ValueError(f"max_buckets ({max_buckets}) and batch_size ({batch_size}) must be >= 1")
+    indices = np.arange(len(store)) if indices is None else np.asarray(indices, np.int64)
+    if indices.size == 0:
+        raise ValueError("choose_buckets needs at least one structure")
+    worst = worst_case_bucket(store, indices, batch_size, round_to)
+    if max_buckets == 1 or len(indices) < batch_size:
+        return [worst]
+    nodes, edges = _sample_batch_totals(store.n_node[indices], store.n_edge[indices], batch_size,
+                                        num_sample_batches, seed)
+    order = np.argsort(edges, kind="stable")
+    nodes, edges = nodes[order], edges[order]
+    buckets = []
+    for t in _best_thresholds(edges, max_buckets - 1):
+        taken = edges <= t
+        bucket = Bucket(int(_round_up(nodes[taken].max() + 1, round_to)), int(_round_up(t, round_to)),
+                        batch_size + 1)
+        if bucket.n_node < worst.n_node and bucket.n_edge < worst.n_edge and bucket not in buckets:
+            buckets.append(bucket)
+    return buckets + [worst]
+
+
+def select_bucket(n_node: int, n_edge: int, n_graph: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The first bucket (in the given order, smallest first) that fits these real totals.
+
+    Raises:
+      ValueError: if no bucket fits.
+    """
+    for bucket in buckets:
+        if n_node + 1 <= bucket.n_node and n_edge <= bucket.n_edge and n_graph + 1 <= bucket.n_graph:
+            return bucket
+    raise ValueError(f"no bucket fits a batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges; "
+                     f"largest is {buckets[-1] if buckets else None}")
+
+
+def pad_batch(
+    store: GraphStore, indices: Sequence[int] | np.ndarray, bucket: Bucket, target_name: str | None
+) -> jraph.GraphsTuple:
+    """Gathers structures `indices` of `store` into one padded GraphsTuple of shape `bucket`.
+
+    Args:
+      store: the data set.
+      indices: [B] positions in `store`, B + 1 <= bucket.n_graph.
+      bucket: padded sizes.
+      target_name: key of `store.targets` written to globals["target"] (raw, NaN kept); None
+        writes NaN.
+
+    Returns:
+      GraphsTuple with nodes {"atomic_numbers" int32 [n_node] (0 on padding), optionally
+      "ring_aromatic" float32 [n_node, 2]}, edges {"distances", "solid_angles",
+      "relative_weights"} float32 [n_edge], senders/receivers int32 [n_edge] (batch-global
+      node indices; padding edges point at the first padding node), n_node/n_edge int32
+      [n_graph], globals {"target" float32 [n_graph] (0 on padding), "index" int32 [n_graph]
+      (store.index; -1 on padding)}.
+
+    Raises:
+      ValueError: if the structures do not fit the bucket.
+    """
+    indices = np.asarray(indices, np.int64)
+    n_node, n_edge = store.n_node[indices], store.n_edge[indices]
+    num_graphs, num_nodes, num_edges = len(indices), int(n_node.sum()), int(n_edge.sum())
+    if num_nodes + 1 > bucket.n_node or num_edges > bucket.n_edge or num_graphs + 1 > bucket.n_graph:
+        raise ValueError(f"batch of {num_graphs} graphs, {num_nodes} nodes, {num_edges} edges does not "
+                         f"fit {bucket} (one padding node and one padding graph are needed)")
+    node_src = concat_ranges(store.node_ptr[indices], n_node)
+    edge_src = concat_ranges(store.edge_ptr[indices], n_edge)
+    edge_shift = np.repeat(np.cumsum(n_node) - n_node, n_edge)  # first node of each edge's graph
+
+    def padded(values: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
+        out = np.full((size, *values.shape[1:]), fill, values.dtype)
+        out[: len(values)] = values
+        return out
+
+    nodes = {"atomic_numbers": padded(store.atomic_numbers[node_src], bucket.n_node)}
+    if store.ring_aromatic is not None:
+        nodes["ring_aromatic"] = padded(store.ring_aromatic[node_src], bucket.n_node)
+    edges = {name: padded(getattr(store, name)[edge_src], bucket.n_edge)
+             for name in ("distances", "solid_angles", "relative_weights")}
+    senders = padded((store.senders[edge_src] + edge_shift).astype(np.int32), bucket.n_edge, num_nodes)
+    receivers = padded((store.receivers[edge_src] + edge_shift).astype(np.int32), bucket.n_edge, num_nodes)
+    graph_n_node = np.zeros(bucket.n_graph, np.int32)
+    graph_n_node[:num_graphs] = n_node
+    graph_n_node[num_graphs] = bucket.n_node - num_nodes
+    graph_n_edge = np.zeros(bucket.n_graph, np.int32)
+    graph_n_edge[:num_graphs] = n_edge
+    graph_n_edge[num_graphs] = bucket.n_edge - num_edges
+    target = np.zeros(bucket.n_graph, np.float32)
+    target[:num_graphs] = np.nan if target_name is None else store.targets[target_name][indices]
+    index = np.full(bucket.n_graph, -1, np.int32)
+    index[:num_graphs] = store.index[indices]
+    return jraph.GraphsTuple(nodes=nodes, edges=edges, senders=senders, receivers=receivers,
+                             n_node=graph_n_node, n_edge=graph_n_edge,
+                             globals={"target": target, "index": index})
+
+
+def graph_masks(graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Masks of real nodes [n_node], edges [n_edge] and graphs [n_graph] (bool; jit-safe).
+
+    Only valid for the `pad_batch` (jraph `pad_with_graphs`) layout; uses static shapes only.
+    """
+    return (jraph.get_node_padding_mask(graphs), jraph.get_edge_padding_mask(graphs),
+            jraph.get_graph_padding_mask(graphs))
+
+
+def unpad_graph(graphs: jraph.GraphsTuple, k: int) -> jraph.GraphsTuple:
+    """Real graph `k` of a padded NumPy batch as a single unpadded GraphsTuple (local indices)."""
+    n_node, n_edge = np.asarray(graphs.n_node), np.asarray(graphs.n_edge)
+    a, e = int(n_node[:k].sum()), int(n_edge[:k].sum())
+    b, f = a + int(n_node[k]), e + int(n_edge[k])
+    take = lambda tree, lo, hi: jax.tree.map(lambda x: np.asarray(x)[lo:hi], tree)  # noqa: E731
+    return jraph.GraphsTuple(
+        nodes=take(graphs.nodes, a, b), edges=take(graphs.edges, e, f),
+        senders=np.asarray(graphs.senders)[e:f] - a, receivers=np.asarray(graphs.receivers)[e:f] - a,
+        n_node=n_node[k:k + 1], n_edge=n_edge[k:k + 1], globals=take(graphs.globals, k, k + 1))
+
+
+def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which `indices` are visited in `epoch`: a permutation fixed by (seed, epoch)."""
+    indices = np.asarray(indices, np.int64)
+    if not shuffle:
+        return indices
+    return indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+
+
+def num_batches(num_structures: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Batches per epoch."""
+    return num_structures // batch_size if drop_remainder else -(-num_structures // batch_size)
+
+
+def stack_device_batches(
+    store: GraphStore, indices: np.ndarray, buckets: Sequence[Bucket], num_devices: int,
+    target_name: str | None,
+) -> jraph.GraphsTuple:
+    """Splits one global batch into `num_devices` per-device batches of one common bucket.
+
+    Args:
+      store: the data set.
+      indices: [B] positions in `store`; device d gets the d-th of `num_devices` near-equal
+        contiguous chunks (np.array_split).
+      buckets: per-device buckets (chosen with the per-device batch size), smallest first.
+      num_devices: leading axis size.
+      target_name: as in `pad_batch`.
+
+    Returns:
+      GraphsTuple whose every leaf has a leading [num_devices] axis; all devices use the
+      smallest bucket that fits every chunk.
+    """
+    chunks = np.array_split(np.asarray(indices, np.int64), num_devices)
+    bucket = max((select_bucket(int(store.n_node[c].sum()), int(store.n_edge[c].sum()), len(c), buckets)
+                  for c in chunks), key=buckets.index)
+    return jax.tree.map(lambda *xs: np.stack(xs),
+                        *[pad_batch(store, c, bucket, target_name) for c in chunks])
+
+
+def iterate_batches(
+    store: GraphStore,
+    indices: np.ndarray,
+    batch_size: int,
+    buckets: Sequence[Bucket],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    target_name: str | None,
+    start_batch: int = 0,
+    drop_remainder: bool = False,
+    num_devices: int | None = None,
+) -> Iterator[jraph.GraphsTuple]:
+    """Yields the padded batches of one epoch in a deterministic order.
+
+    The order depends only on (indices, seed, epoch, shuffle); batch k holds
+    `epoch_order(...)[k * batch_size:(k + 1) * batch_size]`, so starting at `start_batch = k`
+    yields exactly the tail of the uninterrupted sequence (resuming mid-epoch).
+
+    Args:
+      store: the data set.
+      indices: positions in `store` forming the split.
+      batch_size: structures per (global) batch.
+      buckets: candidate shapes, smallest first (per device when `num_devices` is set).
+      seed: data seed.
+      epoch: epoch number (changes the shuffle).
+      shuffle: shuffle the split each epoch; False keeps `indices` order (evaluation).
+      target_name: key of `store.targets` for globals["target"].
+      start_batch: first batch to yield.
+      drop_remainder: skip a final batch smaller than `batch_size`.
+      num_devices: if set, each batch is split with `stack_device_batches` into a leading
+        [num_devices] axis.
+
+    Yields:
+      Padded GraphsTuples (see `pad_batch`).
+    """
+    order = epoch_order(indices, seed=seed, epoch=epoch, shuffle=shuffle)
+    n_node, n_edge = store.n_node, store.n_edge
+    for k in range(start_batch, num_batches(len(order), batch_size, drop_remainder)):
+        batch = order[k * batch_size:(k + 1) * batch_size]
+        if num_devices is not None:
+            yield stack_device_batches(store, batch, buckets, num_devices, target_name)
+        else:
+            bucket = select_bucket(int(n_node[batch].sum()), int(n_edge[batch].sum()), len(batch), buckets)
+            yield pad_batch(store, batch, bucket, target_name)
+
+
+_DONE = object()
+
+
+def prefetch(iterable: Iterable[T], buffer_size: int = 4) -> Iterator[T]:
+    """Runs `iterable` in a background thread, keeping up to `buffer_size` items ready.
+
+    NumPy releases the GIL in its gathers, so batch preparation overlaps the device step.
+    Exceptions from the producer are re-raised in the consumer; closing the returned generator
+    stops the thread.
+    """
+    items: queue.Queue = queue.Queue(maxsize=buffer_size)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put((_DONE, err))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = items.get()
+            if item is _DONE:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)

@@ -1,0 +1,287 @@
+"""Checkpoints of a training run (the only module that imports Orbax).
+
+Layout of a workdir::
+
+    config.json            the run's config (written once, checked on resume)
+    target_scaler.json     {"target", "units", "mean", "std"} of the training split
+    checkpoints/<step>/    periodic: the whole TrainState + JSON "meta" (epoch, batch index,
+                           schedule state, early-stopping state, partial epoch sums)
+    best/<epoch>/          params + target mean/std of the best validation epoch, JSON "meta"
+
+A restore walks the periodic steps from the newest down: a step that cannot be read (truncated
+or corrupt file) or that was written under an incompatible config is reported with its path and
+the reason, and the next older step is tried. :class:`CheckpointError` is raised only when no
+step is usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+SCALER_FILE = "target_scaler.json"
+PERIODIC_DIR = "checkpoints"
+BEST_DIR = "best"
+
+# Config sections that must agree between a checkpoint and the run restoring it: anything else
+# (epochs, logging, checkpoint frequency, wall-time limit...) may change on resume.
+COMPATIBILITY_KEYS = ("model", "data.target", "data.featurizer", "data.ring", "optimizer.schedule")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: every candidate is listed with its path and what is wrong."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences in the :data:`COMPATIBILITY_KEYS` sections, as ``"key: saved -> current"``."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    problems = []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if not any(key == k or key.startswith(k + ".") for k in COMPATIBILITY_KEYS):
+            continue
+        a, b = saved_flat.get(key, "<absent>"), current_flat.get(key, "<absent>")
+        if a != b:
+            problems.append(f"{key}: {a!r} -> {b!r}")
+    return problems
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes JSON atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+class Checkpointer:
+    """Periodic and best-validation checkpoints of one workdir.
+
+    Args:
+      workdir: the run directory.
+      config: the run's config as a plain dict (``ConfigDict.to_dict()``); stored in every
+        step's meta and checked against on restore.
+      keep: periodic checkpoints kept (older ones are deleted).
+    """
+
+    def __init__(self, workdir: str | Path, config: dict[str, Any], keep: int = 2):
+        self.workdir = Path(workdir).absolute()
+        self.config = config
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._periodic = ocp.CheckpointManager(
+            self.workdir / PERIODIC_DIR, options=options, item_handlers=_handlers()
+        )
+        self._best = ocp.CheckpointManager(
+            self.workdir / BEST_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_handlers=_handlers(),
+        )
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves the whole train state (asynchronously) with ``meta`` beside it.
+
+        A step saved before (e.g. mid-epoch, then again at the epoch's end after a resume) is
+        replaced.
+        """
+        self._periodic.wait_until_finished()
+        if step in self._periodic.all_steps():
+            self._periodic.delete(step)
+        self._periodic.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, "config": self.config}),
+            ),
+        )
+
+    def save_best(self, epoch: int, best: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Saves the best-validation params (``{"params", "target_mean", "target_std"}``)."""
+        self._best.wait_until_finished()
+        if epoch in self._best.all_steps():  # rewritten after a resume that redid this epoch
+            self._best.delete(epoch)
+        self._best.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(best),
+                meta=ocp.args.JsonSave({**meta, "config": self.config}),
+            ),
+        )
+
+    def wait_until_finished(self) -> None:
+        self._periodic.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._periodic.close()
+        self._best.close()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Restores the newest usable periodic checkpoint.
+
+        Args:
+          abstract_state: the TrainState pytree (arrays or ``jax.ShapeDtypeStruct`` with
+            shardings) to restore into.
+
+        Returns:
+          ``(state, meta)``, or None if the workdir has no checkpoint.
+
+        Raises:
+          CheckpointError: if checkpoints exist but none can be used.
+        """
+        steps = sorted(self._periodic.all_steps(), reverse=True)
+        if not steps:
+            return None
+        failures = []
+        for step in steps:
+            path = self.workdir / PERIODIC_DIR / str(step)
+            try:
+                restored = _restore(self._periodic, step, abstract_state, self.config)
+            except Exception as err:  # noqa: BLE001 - any failure means "try the older step"
+                reason = _describe(err)
+                failures.append(f"{path}: {reason}")
+                older = [s for s in steps if s < step]
+                if older:
+                    log.error(
+                        "checkpoint %s is unusable (%s); falling back to step %d", path, reason, older[0]
+                    )
+                else:
+                    log.error("checkpoint %s is unusable (%s)", path, reason)
+                continue
+            return restored.state, dict(restored.meta)
+        raise CheckpointError("no usable checkpoint in " + str(self.workdir / PERIODIC_DIR) + ":\n  " + "\n  ".join(failures))
+
+    def best_meta(self) -> dict[str, Any] | None:
+        """Meta of the best-validation checkpoint, or None if there is none yet."""
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        return dict(self._best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore_best(self, abstract_best: Any) -> Any:
+        """Restores the best-validation ``{"params", "target_mean", "target_std"}``.
+
+        Raises:
+          CheckpointError: if there is none or it cannot be read.
+        """
+        step = self._best.latest_step()
+        if step is None:
+            raise CheckpointError(f"no best-validation checkpoint in {self.workdir / BEST_DIR}")
+        try:
+            return _restore(self._best, step, abstract_best, self.config).state
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{self.workdir / BEST_DIR / str(step)}: {_describe(err)}") from err
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
+
+
+def _shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract: Any) -> list[str]:
+    """Arrays whose saved shape or dtype differs from ``abstract`` (Orbax would silently
+    pad or crop them)."""
+    saved = {
+        _leaf_name(path): (tuple(m.shape), np.dtype(m.dtype))
+        for path, m in jax.tree_util.tree_leaves_with_path(manager.item_metadata(step)["state"])
+    }
+    problems = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        name = _leaf_name(path)
+        want = (tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+        if name in saved and saved[name] != want:
+            problems.append(f"{name}: saved {saved[name][1]}{list(saved[name][0])}, "
+                            f"expected {want[1]}{list(want[0])}")
+    return problems
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract: Any, config: dict[str, Any]):
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    problems = config_mismatch(meta.get("config", {}), config)
+    if problems:
+        raise ValueError("written under an incompatible config: " + "; ".join(problems))
+    problems = _shape_mismatch(manager, step, abstract)
+    if problems:
+        raise ValueError(f"{len(problems)} array(s) of another shape or dtype: " + "; ".join(problems[:5]))
+    return manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+
+
+def _describe(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, float] | None]:
+    """Reads parameters to fine-tune from (no abstract target: arrays come back as numpy).
+
+    Args:
+      path: a workdir (its best-validation params, else its newest periodic checkpoint), a
+        ``checkpoints``/``best`` directory, or one step directory inside them.
+
+    Returns:
+      ``(model_config, params, scaler)``: the model section of the saved config, the params
+      pytree, and ``{"mean", "std"}`` of the saved target scaler (None if absent).
+
+    Raises:
+      CheckpointError: if ``path`` holds no readable checkpoint.
+    """
+    path = Path(path).absolute()
+    candidates = []
+    if path.name.isdigit():
+        candidates.append((path.parent, int(path.name)))
+    else:
+        for root in (path / BEST_DIR, path / PERIODIC_DIR, path):
+            if root.is_dir():
+                with ocp.CheckpointManager(root, item_handlers=_handlers()) as manager:
+                    step = manager.latest_step()
+                if step is not None:
+                    candidates.append((root, step))
+                    break
+    if not candidates:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a workdir, '{BEST_DIR}/' or '{PERIODIC_DIR}/')")
+    root, step = candidates[0]
+    try:
+        with ocp.CheckpointManager(root, item_handlers=_handlers()) as manager:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            )
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{root / str(step)}: {_describe(err)}") from err
+    tree, meta = restored.state, dict(restored.meta)
+    params = tree["params"]
+    scaler = None
+    if "target_mean" in tree:
+        scaler = {"mean": float(np.asarray(tree["target_mean"])), "std": float(np.asarray(tree["target_std"]))}
+    return meta.get("config", {}).get("model", {}), params, scaler

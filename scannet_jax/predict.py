@@ -1,0 +1,344 @@
+"""Predictions and global-attention (GA) scores of a trained model on ``ase.Atoms``.
+
+``Predictor.from_workdir(path)`` reads a training workdir once (config, target scaler, best
+validation params) and ``predictor(atoms)`` runs structures through exactly the training path:
+Voronoi neighbours with the run's featuriser settings (``datasets.featurize``) → ``GraphStore``
+→ padded batches (``batching.pad_batch``) → the model, jitted once per padded shape.
+
+Padded shapes ("buckets") come from a fixed ladder instead of the training split's size
+distribution (which a workdir does not store): node budgets 64·√2^k rounded to 64, edge budgets
+``EDGES_PER_NODE`` times that, and one padding graph plus either one structure (single calls) or
+``batch_size`` structures. The ladder stops at the size that holds ``batch_size`` of the largest
+structures of the training data set (``Domain.max_atoms``); a batch beyond it gets its own
+padded size rounded to 64 (one more compilation, never truncation). Within a call, structures
+are sorted by size before batching so that each batch lands in a tight bucket; results come back
+in input order.
+
+The elements and the periodicity a model may be applied to are derived from the training
+config's data set (``DATASET_DOMAINS``; train.py does not record them in the workdir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ase
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.data import chemical_symbols
+
+from scannet_jax import batching, checkpoints, models
+from scannet_jax.batching import Bucket
+from scannet_jax.datasets import featurize
+from scannet_jax.graphs import GraphStore
+from scannet_jax.neighbors import FeaturizerSettings
+
+EDGES_PER_NODE = 6  # QM9 has at most 5.7 edges per atom (4.4 on average)
+MIN_NODES = 64
+PARALLEL_THRESHOLD = 256  # structures; smaller lists are featurised in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """What a model was trained on: where it may be applied.
+
+    Attributes:
+      elements: atomic numbers present in the training data set; None = unknown (not checked).
+      periodic: True for crystals, False for molecules, None = unknown (not checked).
+      max_atoms: atoms of the largest training structure (sizes the largest bucket).
+    """
+
+    elements: frozenset[int] | None = None
+    periodic: bool | None = None
+    max_atoms: int = 64
+
+
+DATASET_DOMAINS = {"qm9": Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29)}
+
+
+class StructureError(ValueError):
+    """One structure cannot be predicted; the message says why (atom, element, geometry)."""
+
+
+@dataclasses.dataclass
+class Prediction:
+    """The model's output for one structure of N atoms.
+
+    Attributes:
+      value: the prediction in target units (model output · std + mean).
+      ga_scores: float64 [N], global-attention score of each atom; sums to 1.
+    """
+
+    value: float
+    ga_scores: np.ndarray
+
+
+def _find_workdir(path: Path) -> Path:
+    """The workdir holding ``config.json``: ``path`` itself or one of its three parents."""
+    for candidate in (path, *list(path.parents)[:3]):
+        if (candidate / checkpoints.CONFIG_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {checkpoints.CONFIG_FILE} here or in the 3 directories above; "
+                            "expected a training workdir or a checkpoint directory inside one")
+
+
+def _ladder(n_graph: int, cap_nodes: int) -> list[Bucket]:
+    """Buckets of ``n_graph`` graphs with node budgets 64·√2^k (rounded to 64) up to ``cap_nodes``."""
+    out: list[Bucket] = []
+    k = 0
+    while not out or out[-1].n_node < cap_nodes:
+        n_node = int(math.ceil(MIN_NODES * math.sqrt(2) ** k / 64) * 64)
+        if not out or n_node > out[-1].n_node:
+            out.append(Bucket(n_node, EDGES_PER_NODE * n_node, n_graph))
+        k += 1
+    return out
+
+
+def _own_bucket(n_node: int, n_edge: int, n_graph: int) -> Bucket:
+    up = lambda x: max(int(math.ceil(x / 64) * 64), 64)  # noqa: E731
+    return Bucket(up(n_node + 1), up(n_edge), n_graph)
+
+
+class Predictor:
+    """A trained model applied to ``ase.Atoms`` (see the module docstring).
+
+    Args:
+      model_config: the model section of the training config (``models.build_model``).
+      params: the Flax params pytree.
+      settings: featuriser settings of the training run.
+      ring: compute the ring/aromatic atom flags (``config.data.ring``).
+      target: name of the predicted quantity (``atoms.info`` key with ``write=True``).
+      units: its units, e.g. "eV".
+      mean, std: target scaler; predictions are model output · std + mean.
+      domain: where the model may be applied.
+      batch_size: structures per padded batch.
+      num_workers: featurisation processes for lists of at least ``PARALLEL_THRESHOLD``
+        structures (default: all cores); the pool persists until ``close()``.
+    """
+
+    def __init__(self, model_config: Any, params: Any, *, settings: FeaturizerSettings, ring: bool = False,
+                 target: str = "y", units: str = "", mean: float = 0.0, std: float = 1.0,
+                 domain: Domain = Domain(), batch_size: int = 128, num_workers: int | None = None):
+        self.model_config = models.scann_config(model_config)
+        self.settings = settings
+        self.ring = ring
+        self.target, self.units = target, units
+        self.mean, self.std = float(mean), float(std)
+        self.domain = domain
+        self.batch_size = batch_size
+        self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        self._pool = None
+        self.buckets = {
+            1: _ladder(2, domain.max_atoms + 1),
+            batch_size: _ladder(batch_size + 1, batch_size * domain.max_atoms + 1),
+        }
+        model = models.build_model(self.model_config)
+        self._params = jax.device_put(jax.tree.map(jnp.asarray, params))
+        scale = np.float32(self.std), np.float32(self.mean)
+
+        def apply(params, graphs):
+            predictions, ga_scores = model.apply({"params": params}, graphs, train=False)
+            return predictions * scale[0] + scale[1], ga_scores
+
+        self._apply = jax.jit(apply)
+
+    # ---------------------------------------------------------------------------------------
+    # Construction.
+
+    @classmethod
+    def from_workdir(cls, path: str | os.PathLike, **kwargs: Any) -> Predictor:
+        """Loads the best-validation params of a training workdir (or of a checkpoint directory
+        inside one: ``best/``, ``checkpoints/``, or one step of them), its config and scaler.
+
+        Args:
+          path: the workdir or checkpoint directory.
+          **kwargs: ``batch_size``, ``num_workers`` (see the class).
+
+        Raises:
+          FileNotFoundError: if no ``config.json`` belongs to ``path``.
+          checkpoints.CheckpointError: if it holds no readable checkpoint.
+        """
+        path = Path(path).absolute()
+        workdir = _find_workdir(path)
+        config = json.loads((workdir / checkpoints.CONFIG_FILE).read_text())
+        _, params, scaler = checkpoints.load_pretrained(path)
+        scaler_file = workdir / checkpoints.SCALER_FILE
+        saved = json.loads(scaler_file.read_text()) if scaler_file.is_file() else {}
+        scaler = scaler or {"mean": saved.get("mean", 0.0), "std": saved.get("std", 1.0)}
+        data = config["data"]
+        return cls(config["model"], params, settings=FeaturizerSettings(**data["featurizer"]),
+                   ring=bool(data.get("ring", False)), target=data["target"],
+                   units=saved.get("units", data.get("units", "")), mean=scaler["mean"], std=scaler["std"],
+                   domain=DATASET_DOMAINS.get(data["dataset"], Domain()), **kwargs)
+
+    @classmethod
+    def from_original(cls, weights: str | os.PathLike, config: Any = None, *, mean: float = 0.0,
+                      std: float = 1.0, target: str = "y", units: str = "",
+                      settings: FeaturizerSettings = FeaturizerSettings(mode="original"),
+                      domain: Domain = Domain(), **kwargs: Any) -> Predictor:
+        """Weights of the original TensorFlow model (``convert.load_original_weights``), with the
+        original-mode featuriser. The original stored no scaler: pass its ``mean``/``std``."""
+        from scannet_jax import convert
+
+        model_config, params = convert.load_original_weights(weights, config)
+        return cls(model_config, params, settings=settings, ring=bool(model_config.use_ring), target=target,
+                   units=units, mean=mean, std=std, domain=domain, **kwargs)
+
+    # ---------------------------------------------------------------------------------------
+    # Prediction.
+
+    @property
+    def num_compiles(self) -> int:
+        """Compilations of the jitted model so far (one per padded shape used)."""
+        return self._apply._cache_size()
+
+    def check(self, atoms: ase.Atoms, allow_unseen_elements: bool = False) -> None:
+        """Raises StructureError if ``atoms`` is outside what the model can be applied to.
+
+        Checked: at least one atom, finite positions, periodicity matching the training data,
+        elements within the embedding table and (unless ``allow_unseen_elements``) seen in
+        training. Geometry problems found by the featuriser (atoms closer than 0.1 Å, singular
+        cell) are reported by ``predict_each``.
+        """
+        if len(atoms) == 0:
+            raise StructureError("empty structure (no atoms)")
+        bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
+        if bad.size:
+            raise StructureError(f"atom {bad[0]} ({atoms[bad[0]].symbol}) has non-finite coordinates "
+                                 f"{atoms.positions[bad[0]].tolist()}")
+        periodic = bool(np.any(atoms.pbc))
+        if self.domain.periodic is not None and periodic != self.domain.periodic:
+            kind = "a crystal model" if self.domain.periodic else "a molecule model"
+            given = f"a periodic structure (pbc={atoms.pbc.tolist()})" if periodic else "a non-periodic structure"
+            raise StructureError(f"{given} given to {kind}")
+        z = atoms.numbers
+        bad = np.flatnonzero(z >= self.model_config.n_atoms)
+        if bad.size:
+            raise StructureError(f"atom {bad[0]} is {chemical_symbols[z[bad[0]]]} (Z={z[bad[0]]}); the model embeds "
+                                 f"only Z < {self.model_config.n_atoms}")
+        if self.domain.elements is not None and not allow_unseen_elements:
+            unseen = sorted(set(z.tolist()) - self.domain.elements)
+            if unseen:
+                first = int(np.flatnonzero(z == unseen[0])[0])
+                seen = " ".join(chemical_symbols[e] for e in sorted(self.domain.elements))
+                raise StructureError(
+                    f"element(s) {' '.join(chemical_symbols[e] for e in unseen)} (first: atom {first}) never "
+                    f"seen in training (elements: {seen}); allow with --allow-unseen-elements")
+
+    def __call__(self, atoms: ase.Atoms | Sequence[ase.Atoms], *, write: bool = False,
+                 allow_unseen_elements: bool = False) -> Prediction | list[Prediction]:
+        """Predicts one structure (returns a Prediction) or a list of them (a list, batched).
+
+        Args:
+          atoms: one ``ase.Atoms`` or a sequence of them.
+          write: also set ``atoms.info[self.target]`` and ``atoms.arrays["ga_score"]``.
+          allow_unseen_elements: skip the training-elements check.
+
+        Raises:
+          StructureError: naming the position of the first structure that cannot be predicted.
+        """
+        single = isinstance(atoms, ase.Atoms)
+        results = self.predict_each([atoms] if single else list(atoms), write=write,
+                                    allow_unseen_elements=allow_unseen_elements)
+        for position, result in enumerate(results):
+            if isinstance(result, StructureError):
+                raise StructureError(str(result) if single else f"structure {position}: {result}")
+        return results[0] if single else results
+
+    def predict_each(self, atoms_list: Sequence[ase.Atoms], *, write: bool = False,
+                     allow_unseen_elements: bool = False) -> list[Prediction | StructureError]:
+        """Like ``__call__`` on a list, but a structure that fails gets its StructureError in
+        place of a Prediction and the others are still predicted."""
+        results: list[Prediction | StructureError | None] = [None] * len(atoms_list)
+        good = []
+        for position, atoms in enumerate(atoms_list):
+            try:
+                self.check(atoms, allow_unseen_elements)
+                good.append(position)
+            except StructureError as err:
+                results[position] = err
+        featurized = self._featurize([atoms_list[p] for p in good])
+        for position, item in zip(list(good), featurized):
+            if isinstance(item, StructureError):
+                results[position] = item
+                good.remove(position)
+        features = [f for f in featurized if not isinstance(f, StructureError)]
+        if good:
+            store = GraphStore.from_structures(
+                [atoms_list[p].numbers for p in good], features,
+                ring_aromatic=[f.ring_aromatic for f in features] if self.ring else None)
+            for position, prediction in zip(good, self._predict_store(store)):
+                results[position] = prediction
+                if write:
+                    atoms_list[position].info[self.target] = prediction.value
+                    atoms_list[position].arrays["ga_score"] = prediction.ga_scores
+        return results
+
+    def _featurize(self, atoms_list: list[ase.Atoms]) -> list[featurize.Featurized | StructureError]:
+        """Neighbours (and ring flags) of each structure; a failure becomes a StructureError.
+
+        Lists of at least ``PARALLEL_THRESHOLD`` structures go to a pool of ``num_workers``
+        processes, started ("spawn") on first use and kept for later calls.
+        """
+        tasks = [(featurize.Structure(a.numbers, a.positions, a.cell.array if any(a.pbc) else None,
+                                      tuple(bool(p) for p in a.pbc)), self.settings, self.ring) for a in atoms_list]
+        if self.num_workers > 1 and len(tasks) >= PARALLEL_THRESHOLD:
+            if self._pool is None:
+                self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+                weakref.finalize(self, self._pool.terminate)
+            chunksize = max(8, math.ceil(len(tasks) / (8 * self.num_workers)))
+            return self._pool.map(_featurize_task, tasks, chunksize=chunksize)
+        return [_featurize_task(task) for task in tasks]
+
+    def close(self) -> None:
+        """Stops the featurisation worker processes (if any were started)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def bucket_for(self, n_node: int, n_edge: int, n_graph: int) -> Bucket:
+        """The padded shape of a batch with these real totals (ladder, or its own size)."""
+        ladder = self.buckets[1] if n_graph == 1 else self.buckets[self.batch_size]
+        try:
+            return batching.select_bucket(n_node, n_edge, n_graph, ladder)
+        except ValueError:
+            return _own_bucket(n_node, n_edge, ladder[-1].n_graph)
+
+    def _predict_store(self, store: GraphStore) -> list[Prediction]:
+        """Predictions of every structure of ``store``, in store order."""
+        n_node, n_edge = store.n_node, store.n_edge
+        order = np.argsort(n_node, kind="stable")
+        out: list[Prediction | None] = [None] * len(store)
+        for start in range(0, len(store), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            bucket = self.bucket_for(int(n_node[indices].sum()), int(n_edge[indices].sum()), len(indices))
+            graphs = batching.pad_batch(store, indices, bucket, None)
+            values, ga = jax.device_get(self._apply(self._params, graphs))
+            ends = np.cumsum(n_node[indices])
+            for k, (s, end) in enumerate(zip(indices, ends)):
+                out[s] = Prediction(float(values[k]), np.asarray(ga[end - n_node[s]:end], np.float64))
+        return out
+
+
+def _featurize_task(task: tuple[featurize.Structure, FeaturizerSettings, bool]
+                    ) -> featurize.Featurized | StructureError:
+    structure, settings, ring = task
+    try:
+        return featurize.featurize_one(structure, settings, ring)
+    except (ValueError, RuntimeError) as err:  # scipy's QhullError is a RuntimeError
+        return StructureError(f"featurisation failed: {err}")
+
+
+def top_atoms(atoms: ase.Atoms, ga_scores: np.ndarray, k: int = 3) -> list[tuple[int, str, float]]:
+    """The ``k`` atoms with the highest GA score: (index, symbol, score), highest first."""
+    best = np.argsort(-np.asarray(ga_scores), kind="stable")[:k]
+    return [(int(i), atoms[int(i)].symbol, float(ga_scores[i])) for i in best]

@@ -1,0 +1,161 @@
+"""Tests for scannet_jax.batching: bucket choice, padding layout/invariance, masks, iteration."""
+
+import itertools
+import threading
+
+import jax
+import jraph
+import numpy as np
+import pytest
+
+from scannet_jax import batching
+from scannet_jax.batching import Bucket
+from scannet_jax.graphs import GraphStore
+
+from test_graphs import random_edges
+
+
+def make_store(num: int, seed: int = 0, max_atoms: int = 29) -> GraphStore:
+    """QM9-like sizes: 3..max_atoms atoms, ~3 edges per atom; one target with NaN entries."""
+    rng = np.random.default_rng(seed)
+    numbers = [rng.integers(1, 10, int(rng.integers(3, max_atoms + 1))) for _ in range(num)]
+    target = rng.normal(size=num)
+    target[::11] = np.nan
+    return GraphStore.from_structures(numbers, [random_edges(rng, len(z)) for z in numbers],
+                                      targets={"homo": target},
+                                      ring_aromatic=[rng.integers(0, 2, (len(z), 2)) for z in numbers])
+
+
+@pytest.fixture(scope="module")
+def store() -> GraphStore:
+    return make_store(3000)
+
+
+def test_pad_batch_layout_matches_jraph(store):
+    idx = np.array([5, 17, 2])
+    bucket = Bucket(n_node=128, n_edge=512, n_graph=6)
+    got = batching.pad_batch(store, idx, bucket, "homo")
+    graphs = [store.graph(int(s), "homo") for s in idx]
+    want = jraph.pad_with_graphs(jraph.batch_np(graphs), bucket.n_node, bucket.n_edge, bucket.n_graph)
+    want.globals["index"][3:] = -1  # the one deliberate difference: padding graphs get index -1
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(x, y)
+    assert got.senders.dtype == np.int32 and got.n_node.dtype == np.int32
+    assert got.globals["index"].tolist() == [5, 17, 2, -1, -1, -1]
+    num_real_nodes = int(store.n_node[idx].sum())
+    assert (got.senders[store.n_edge[idx].sum():] == num_real_nodes).all()  # padding edges -> first pad node
+
+
+def test_padding_then_unpadding_keeps_every_real_graph(store):
+    idx = np.array([9, 0, 31, 4, 4])
+    for bucket in (Bucket(200, 600, 6), Bucket(448, 1024, 17)):
+        padded = batching.pad_batch(store, idx, bucket, "homo")
+        for k, s in enumerate(idx):
+            for x, y in zip(jax.tree.leaves(batching.unpad_graph(padded, k)),
+                            jax.tree.leaves(store.graph(int(s), "homo"))):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_pad_batch_rejects_overflow(store):
+    idx = np.array([1, 2])
+    n = int(store.n_node[idx].sum())
+    with pytest.raises(ValueError, match="does not fit"):
+        batching.pad_batch(store, idx, Bucket(n, 10_000, 3), "homo")  # no room for the padding node
+    with pytest.raises(ValueError, match="does not fit"):
+        batching.pad_batch(store, idx, Bucket(n + 1, 10_000, 2), "homo")  # no room for the padding graph
+
+
+def test_graph_masks_under_jit(store):
+    idx = np.array([3, 1, 4, 1, 5])
+    padded = batching.pad_batch(store, idx, Bucket(256, 640, 9), "homo")
+    node_mask, edge_mask, graph_mask = jax.jit(batching.graph_masks)(padded)
+    assert graph_mask.tolist() == [True] * 5 + [False] * 4
+    assert int(node_mask.sum()) == store.n_node[idx].sum() and not node_mask[int(store.n_node[idx].sum())]
+    assert int(edge_mask.sum()) == store.n_edge[idx].sum()
+    assert node_mask.dtype == bool and node_mask.shape == (256,) and edge_mask.shape == (640,)
+
+
+def test_nan_targets_stay_nan(store):
+    padded = batching.pad_batch(store, np.array([0, 11, 1]), Bucket(128, 512, 4), "homo")
+    assert np.isnan(padded.globals["target"][:2]).all() and np.isfinite(padded.globals["target"][2:]).all()
+
+
+def test_worst_case_bucket_fits_the_largest_structures(store):
+    idx = np.arange(len(store))
+    worst = batching.worst_case_bucket(store, idx, 64)
+    by_nodes = np.argsort(store.n_node)[-64:]
+    by_edges = np.argsort(store.n_edge)[-64:]
+    for batch in (by_nodes, by_edges):
+        batching.pad_batch(store, batch, worst, "homo")  # raises if it does not fit
+
+
+def test_choose_buckets_fits_every_batch_and_pads_little(store):
+    train = np.arange(2500)
+    buckets = batching.choose_buckets(store, train, 32, max_buckets=4)
+    assert 2 <= len(buckets) <= 4
+    assert all(b.n_graph == 33 for b in buckets)
+    assert [b.n_edge for b in buckets] == sorted(b.n_edge for b in buckets)
+    assert buckets[-1] == batching.worst_case_bucket(store, train, 32)
+    assert batching.choose_buckets(store, train, 32) == buckets  # deterministic
+    real = padded = 0
+    shapes = set()
+    for epoch in range(3):
+        for graphs in batching.iterate_batches(store, train, 32, buckets, seed=1, epoch=epoch, target_name="homo"):
+            shapes.add((graphs.n_node.shape, graphs.senders.shape))
+            real += int(graphs.n_edge[graphs.globals["index"] >= 0].sum())
+            padded += graphs.senders.shape[0]
+    assert len(shapes) <= 4
+    assert real / padded > 0.85
+
+
+def test_iteration_is_deterministic_and_resumable(store):
+    idx = np.arange(0, 3000, 3)
+    buckets = batching.choose_buckets(store, idx, 64)
+    kwargs = dict(seed=7, epoch=2, target_name="homo")
+    full = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, **kwargs)]
+    again = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, **kwargs)]
+    resumed = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, start_batch=5,
+                                                                      **kwargs)]
+    assert len(full) == batching.num_batches(len(idx), 64) == 16
+    assert all(np.array_equal(a, b) for a, b in zip(full, again))
+    assert len(resumed) == 11 and all(np.array_equal(a, b) for a, b in zip(full[5:], resumed))
+    seen = np.concatenate([i[i >= 0] for i in full])
+    assert sorted(seen) == sorted(store.index[idx])  # every structure once, last batch partial
+    other_epoch = next(batching.iterate_batches(store, idx, 64, buckets, seed=7, epoch=3, target_name="homo"))
+    assert not np.array_equal(other_epoch.globals["index"], full[0])
+    in_order = next(batching.iterate_batches(store, idx, 64, buckets, seed=7, epoch=2, shuffle=False,
+                                             target_name="homo"))
+    assert in_order.globals["index"][:64].tolist() == idx[:64].tolist()
+
+
+def test_stack_device_batches_splits_a_global_batch(store):
+    idx = np.arange(40, 80)
+    buckets = batching.choose_buckets(store, np.arange(len(store)), 10)
+    stacked = batching.stack_device_batches(store, idx, buckets, 4, "homo")
+    assert stacked.n_node.shape == (4, 11) and stacked.nodes["atomic_numbers"].ndim == 2
+    bucket = Bucket(stacked.nodes["atomic_numbers"].shape[1], stacked.senders.shape[1], 11)
+    assert bucket in buckets
+    for d in range(4):
+        want = batching.pad_batch(store, idx[10 * d:10 * d + 10], bucket, "homo")
+        for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(x[d], y)
+    batches = list(batching.iterate_batches(store, idx, 20, buckets, seed=0, epoch=0, shuffle=False,
+                                            target_name="homo", num_devices=2))
+    assert len(batches) == 2 and batches[0].n_node.shape == (2, 11)
+
+
+def test_prefetch_keeps_order_and_propagates_errors():
+    assert list(batching.prefetch(iter(range(50)), buffer_size=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(batching.prefetch(failing()))
+    before = threading.active_count()
+    gen = batching.prefetch(itertools.count(), buffer_size=2)
+    assert next(gen) == 0
+    gen.close()
+    assert threading.active_count() == before

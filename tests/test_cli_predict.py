@@ -1,0 +1,144 @@
+"""Train → predict round trip on the tiny QM9 config through ``python main.py predict``, and the
+command's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+import ase.io
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    sys.path.insert(0, str(REPO))
+    from configs import qm9
+
+    config = qm9.get_config("homo,tiny")
+    config.num_epochs = 1
+    config.data.limit = 200
+    config.checkpoint_every_steps = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny QM9 run: (workdir, config, results, test-split molecules as ase.Atoms, test store)."""
+    from scannet_jax import train
+
+    config = tiny_config()
+    # a fresh feature cache: the round trip must compare against the current featuriser
+    config.data.data_dir = str(tmp_path_factory.mktemp("feature_cache"))
+    config.data.num_workers = 1
+    workdir = tmp_path_factory.mktemp("tiny_qm9")
+    try:
+        data = train.get_datasets(config)
+        from scannet_jax.datasets import qm9
+        molecules = qm9.read_qm9(limit=config.data.limit)
+    except ModuleNotFoundError as err:
+        pytest.skip(f"QM9 data not available: {err}")
+    results = train.train_and_evaluate(config, str(workdir), datasets=data)
+    test_atoms = []
+    for s in data.test.index:
+        structure = molecules.structure(int(s))
+        test_atoms.append(Atoms(structure.numbers, structure.positions))
+    return workdir, config, results, test_atoms, data
+
+
+def direct_predictions(workdir: Path, config, store) -> np.ndarray:
+    """model.apply on the cached training-path graphs of ``store`` with the best params, in eV."""
+    from scannet_jax import batching, checkpoints, models
+
+    _, params, scaler = checkpoints.load_pretrained(workdir)
+    bucket = batching.Bucket(int(store.n_node.sum()) + 1, int(store.n_edge.sum()), len(store) + 1)
+    graphs = batching.pad_batch(store, np.arange(len(store)), bucket, None)
+    values, _ = models.build_model(config.model).apply({"params": params}, graphs)
+    return np.asarray(values[:len(store)]) * scaler["std"] + scaler["mean"]
+
+
+def test_round_trip_matches_training_evaluation(trained, tmp_path, capsys):
+    from scannet_jax import cli_predict
+
+    workdir, config, results, test_atoms, data = trained
+    inputs = tmp_path / "test_split.extxyz"
+    ase.io.write(inputs, test_atoms, format="extxyz")
+    output, table = tmp_path / "scored.extxyz", tmp_path / "table.json"
+    status = cli_predict.main([f"--workdir={workdir}", str(inputs), f"--output={output}", f"--json={table}",
+                               "--num-workers=1"])
+    assert status == 0
+    rows = json.loads(table.read_text())["structures"]
+    predicted = np.array([r["prediction"] for r in rows])
+    assert [r["frame"] for r in rows] == list(range(len(test_atoms)))
+
+    targets = data.test.targets["homo"]
+    assert np.mean(np.abs(predicted - targets)) == pytest.approx(results["test_mae"], abs=1e-5)
+    np.testing.assert_allclose(predicted, direct_predictions(workdir, config, data.test), atol=1e-5)
+
+    back = ase.io.read(output, index=":")
+    assert len(back) == len(test_atoms)
+    for atoms, row, original in zip(back, rows, test_atoms):
+        assert atoms.info["homo"] == pytest.approx(row["prediction"], abs=1e-6)
+        np.testing.assert_allclose(atoms.arrays["ga_score"], row["ga_scores"], atol=1e-7)
+        assert atoms.arrays["ga_score"].sum() == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(atoms.positions, original.positions, atol=1e-7)
+
+    text = capsys.readouterr().out
+    first = rows[0]
+    top = first["top_atoms"][0]
+    assert "prediction (eV)" in text
+    assert f"{top['symbol']}{top['index']} {top['ga_score']:.2f}" in text
+    assert top["ga_score"] == max(first["ga_scores"])
+
+
+def test_checkpoint_directory_gives_the_same_predictions(trained):
+    from scannet_jax import predict
+
+    workdir, _, _, test_atoms, _ = trained
+    best = next((workdir / "best").iterdir())
+    a = predict.Predictor.from_workdir(workdir, num_workers=1)(test_atoms[:5])
+    b = predict.Predictor.from_workdir(best, num_workers=1)(test_atoms[:5])
+    assert [x.value for x in a] == [x.value for x in b]
+
+
+def test_bad_inputs_are_reported_by_file_and_frame(trained, tmp_path, capsys):
+    from scannet_jax import cli_predict
+
+    workdir = trained[0]
+    frames = [molecule("CH4"), Atoms("CH", [[0, 0, 0], [np.nan, 0, 1.0]]), Atoms("CSi", [[0, 0, 0], [0, 0, 1.9]]),
+              molecule("H2O")]
+    mixed = tmp_path / "mixed.extxyz"
+    ase.io.write(mixed, frames, format="extxyz")
+    crystal = tmp_path / "POSCAR"
+    ase.io.write(crystal, bulk("C", "diamond", a=3.57), format="vasp")
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is not\na structure file\n")
+    pictures, table = tmp_path / "png", tmp_path / "table.json"
+    status = cli_predict.main([f"--workdir={workdir}", str(mixed), str(crystal), str(garbage),
+                               f"--png={pictures}", f"--json={table}", "--num-workers=1"])
+    assert status == cli_predict.EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert f"{mixed} frame 1: atom 1 (H) has non-finite coordinates" in err
+    assert f"{mixed} frame 2: element(s) Si (first: atom 1) never seen in training" in err
+    assert f"{crystal} frame 0: a periodic structure" in err and "given to a molecule model" in err
+    assert f"{garbage}: cannot read" in err
+    rows = json.loads(table.read_text())["structures"]
+    assert [(Path(r["file"]).name, r["frame"]) for r in rows] == [("mixed.extxyz", 0), ("mixed.extxyz", 3)]
+    assert sorted(p.name for p in pictures.iterdir()) == ["mixed.extxyz_0.png", "mixed.extxyz_3.png"]
+
+    status = cli_predict.main([f"--workdir={workdir}", str(mixed), "--allow-unseen-elements", "--num-workers=1"])
+    assert status == cli_predict.EXIT_SOME_FAILED  # the NaN frame still fails
+    assert "Si" in capsys.readouterr().out
+
+
+def test_main_py_dispatches_predict():
+    run = subprocess.run([sys.executable, str(REPO / "main.py"), "predict", "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "--allow-unseen-elements" in run.stdout and "--workdir" in run.stdout

@@ -1,0 +1,321 @@
+"""Training loop: loss falls, kill-and-resume is exact, NaN targets/losses, fine-tuning, LR.
+
+Fast cases use the structures of ``shared/fixtures/neighbours*.npz`` with a synthetic target
+(see ``test_parallel.fixture_store``); the QM9 case uses the ``tiny`` config on a QM9 slice.
+Runs that must be killed run this file as a script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_parallel  # noqa: E402  (fixture store and tiny config)
+
+FIXTURES = test_parallel.FIXTURES
+REPO = test_parallel.REPO
+
+pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures not found at {FIXTURES}")
+
+
+def fixture_datasets(nan_target_at: int | None = None):
+    """20 / 4 / 4 structures of the fixture store (structure 3 has a NaN target)."""
+    from scannet_jax import train
+
+    store = test_parallel.fixture_store()
+    y = store.targets["y"]
+    if nan_target_at is not None:
+        y[nan_target_at] = np.nan
+    train_idx = np.arange(20)
+    finite = y[train_idx][np.isfinite(y[train_idx])]
+    return train.Datasets(train=store.subset(train_idx), validation=store.subset(np.arange(20, 24)),
+                          test=store.subset(np.arange(24, 28)), target="y",
+                          mean=float(finite.mean()), std=float(finite.std()))
+
+
+def fixture_config(**overrides):
+    config = test_parallel.tiny_config()
+    config.model.embed_dropout = 0.1  # dropout on: resume must reproduce its random masks
+    config.model.ffn_dropout = 0.1
+    config.data.target = "y"
+    config.data.units = "a.u."
+    config.batch_size = 4
+    config.eval_batch_size = 8
+    config.num_buckets = 1
+    config.num_epochs = 3
+    config.checkpoint_every_steps = 2
+    config.optimizer.lr = 3e-3
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+def _subprocess_env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _start(workdir: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--workdir", str(workdir)], env=_subprocess_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(workdir: Path) -> dict[str, np.ndarray]:
+    import jax
+
+    from scannet_jax import checkpoints
+
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    _, params, _ = checkpoints.load_pretrained(workdir / "checkpoints" / str(steps[-1]))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path):
+    cache = tmp_path / "jax_cache"
+    full = _start(tmp_path / "full", cache)
+    killed = _start(tmp_path / "killed", cache)
+    deadline = time.time() + 300
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    while time.time() < deadline and killed.poll() is None:
+        done = [p for p in ckpt_dir.glob("[0-9]*") if (p / "commit_success.txt").exists()] if ckpt_dir.exists() else []
+        if done:
+            killed.kill()  # SIGKILL: no cleanup, like a lost machine
+            break
+        time.sleep(0.005)
+    killed.wait()
+    assert killed.returncode == -9, "the run finished before a checkpoint was seen"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = subprocess.run([sys.executable, __file__, "--workdir", str(tmp_path / "killed")],
+                             env=_subprocess_env(cache), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "Resuming from checkpoint step" in resumed.stdout
+    out, _ = full.communicate(timeout=300)
+    assert full.returncode == 0, out[-3000:]
+    a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit for bit
+    full_results = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed_results = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert resumed_results["mae"] == full_results["mae"]
+    assert resumed_results["steps_run"] == full_results["steps_run"] == 15
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory):
+    """One 4-epoch run on the fixture structures (structure 3's target is NaN); its log text."""
+    from scannet_jax import train
+
+    workdir = tmp_path_factory.mktemp("fixture_run")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        results = train.train_and_evaluate(fixture_config(num_epochs=4, checkpoint_every_steps=0), str(workdir),
+                                           datasets=fixture_datasets(nan_target_at=3))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return workdir, results, "\n".join(r.getMessage() for r in records)
+
+
+def test_fixture_run_writes_outputs_and_masks_nan_target(fixture_run):
+    workdir, results, log_text = fixture_run
+    # the NaN target (structure 3 of the training split) is reported by index and not counted
+    assert "train molecule with data set index 3 (position 3 in the split) has y = nan" in log_text
+    assert results["num_structures"] == {"train": 19, "validation": 4, "test": 4}
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "val_mae" in r]  # epoch records (others: log intervals)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert any("running_train_loss" in r for r in lines)
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    for name in ("results.json", "config.json", "target_scaler.json", "parity_test.png", "learning_curves.png"):
+        assert (workdir / name).exists(), name
+    assert results["compile_counts"]["train"] == 1  # one bucket → one compilation
+    assert results["test_mae"] == pytest.approx(results["mae"]["test"])
+    scaler = json.loads((workdir / "target_scaler.json").read_text())
+    assert scaler["mean"] == pytest.approx(fixture_datasets(nan_target_at=3).mean)
+
+
+def test_fine_tuning_loads_best_params_and_rejects_other_architecture(fixture_run):
+    import jax
+
+    from scannet_jax import checkpoints, train
+
+    workdir = fixture_run[0]
+    _, best, _ = checkpoints.load_pretrained(workdir)
+    config = fixture_config()
+    template = jax.tree.map(np.zeros_like, best)
+    loaded = train._load_init_params(str(workdir), template, config)
+    jax.tree.map(np.testing.assert_array_equal, loaded, best)
+    bigger = fixture_config(**{"model.local_dim": 32})
+    template = jax.eval_shape(lambda: train.create_model(bigger).init(
+        jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(bigger)))["params"])
+    with pytest.raises(ValueError, match=r"architecture differs.*local_dim.*\(16, 32\)"):
+        train._load_init_params(str(workdir), template, bigger)
+
+
+def test_fine_tuning_ignores_switches_without_parameters(fixture_run):
+    """QM9 → fullerene: the fullerene config differs from QM9's only in use_ga_norm, which has no
+    parameters, so a QM9 run initialises it (the parameter shapes are what is compared)."""
+    import jax
+
+    from configs import fullerene, qm9
+    from scannet_jax import checkpoints, train
+
+    ours, theirs = fullerene.get_config("homo").model, qm9.get_config("homo").model
+    assert {k for k in ours if ours[k] != theirs[k]} == {"use_ga_norm"}
+    workdir = fixture_run[0]
+    saved = json.loads((workdir / "config.json").read_text())["model"]
+    config = fixture_config(**{"model.use_ga_norm": not saved["use_ga_norm"]})
+    template = jax.eval_shape(lambda: train.create_model(config).init(
+        jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
+    _, best, _ = checkpoints.load_pretrained(workdir)
+    loaded = train._load_init_params(str(workdir), template, config)
+    jax.tree.map(np.testing.assert_array_equal, loaded, best)
+
+
+def test_fine_tuning_accepts_original_weights():
+    import jax
+
+    from scannet_jax import convert, train
+
+    path = FIXTURES / "forward_scannplus_seed0.npz"
+    model_config, original = convert.load_original_weights(path)
+    config = fixture_config()
+    config.model = model_config
+    template = jax.eval_shape(lambda: train.create_model(config).init(
+        jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
+    loaded = train._load_init_params(str(path), template, config)
+    jax.tree.map(np.testing.assert_array_equal, loaded, original)
+
+
+def _one_batch(config):
+    from scannet_jax import parallel, train
+
+    data = fixture_datasets()
+    plan = train.make_plan(data.train, "y", 8, 1, parallel.make_mesh())
+    return plan.batch(np.arange(8))
+
+
+def test_nonfinite_step_is_skipped():
+    import jax
+
+    from scannet_jax import parallel, train
+
+    data = fixture_datasets()
+    config = fixture_config()
+    mesh = parallel.make_mesh()
+    plan = train.make_plan(data.train, "y", 8, 1, mesh)
+    model = train.create_model(config)
+    state = train.create_train_state(config, model, train.create_optimizer(config, 5),
+                                     jax.tree.map(lambda x: x[0], plan.batch(np.arange(8))), data.mean, data.std)
+    state = parallel.replicate(state, mesh)
+    before = jax.tree.map(np.asarray, state.params)
+    batch = plan.batch(np.arange(8))
+    batch.edges["distances"][0, 0] = np.nan  # a corrupt edge: NaN prediction, NaN loss
+    steps = train.make_steps(mesh, config.optimizer.l2)
+    state, metrics = steps.train(state, parallel.shard_batch(batch, mesh))
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+
+
+def test_optimizer_applies_the_original_learning_rate():
+    """Our update divided by plain Adam's at a constant 5e-4 is the schedule's applied rate / 5e-4.
+
+    The ratio cancels Adam's own float32 rounding (its bias correction is off by ~1e-5 early on).
+    """
+    import jax.numpy as jnp
+    import optax
+
+    from scannet_jax import train
+
+    lr = np.load(FIXTURES / "lr_schedules.npz")
+    config = fixture_config()
+    config.optimizer.lr = 5e-4
+    config.optimizer.schedule = "cosine"
+    ours = train.create_optimizer(config, steps_per_epoch=860)
+    plain = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
+    params = jnp.zeros(())
+    state_ours, state_plain = ours.init(params), plain.init(params)
+    ratios = []
+    for _ in range(101):
+        a, state_ours = ours.update(jnp.ones(()), state_ours, params)
+        b, state_plain = plain.update(jnp.ones(()), state_plain, params)
+        ratios.append(float(a) / float(b))
+    np.testing.assert_allclose(5e-4 * np.array([ratios[s] for s in (0, 1, 10, 100)]),
+                               lr["cosine_plus_decay_effective_lr"][:4], rtol=1e-6)
+
+
+def test_tiny_qm9_loss_falls(tmp_path):
+    from scannet_jax import train
+
+    config = test_parallel.tiny_config()
+    config.model.n_atoms = 10
+    config.num_epochs = 3
+    config.data.limit = 300
+    try:
+        results = train.train_and_evaluate(config, str(tmp_path))
+    except ModuleNotFoundError as err:
+        pytest.skip(f"QM9 data path not available: {err}")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "val_mae" in r]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert results["units"] == "eV" and results["num_structures"]["train"] == 240
+    assert 0 < results["test_mae"] < 1.0  # eV; the HOMO std is about 0.6 eV
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    from scannet_jax import train
+
+    train.train_and_evaluate(fixture_config(), args.workdir, datasets=fixture_datasets())
+
+
+def test_config_variants_and_errors():
+    sys.path.insert(0, str(REPO))
+    from configs import qm9
+
+    full = qm9.get_config("homo")
+    assert (full.batch_size, full.optimizer.lr, full.optimizer.min_lr, full.num_epochs, full.patience) == (
+        128, 5e-4, 1e-4, 1000, 200)
+    assert (full.model.local_dim, full.model.n_attention, full.model.g_update) == (128, 7, True)
+    assert full.data.limit == 0 and full.data.featurizer.mode == "exact"
+    tiny = qm9.get_config("cv,tiny,scann")
+    assert (tiny.data.target, tiny.data.units, tiny.data.limit, tiny.model.g_update) == (
+        "cv", "cal/(mol K)", 400, False)
+    assert tiny.model.local_dim < full.model.local_dim
+    assert qm9.get_config("gap,tiny,limit=50").data.limit == 50
+    with pytest.raises(ValueError, match="unknown QM9 target 'homoo'"):
+        qm9.get_config("homoo")
+    with pytest.raises(ValueError, match="unknown key 'lmit'"):
+        qm9.get_config("homo,lmit=5")
+    with pytest.raises(ValueError, match="limit='x': expected int"):
+        qm9.get_config("homo,limit=x")
+
+
+def test_main_rejects_bad_override(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/qm9.py:homo,tiny",
+                          f"--workdir={tmp_path}", "--config.batch_size=many"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "batch_size" in run.stderr and "many" in run.stderr
