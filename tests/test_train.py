@@ -92,7 +92,10 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     deadline = time.time() + 300
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     while time.time() < deadline and killed.poll() is None:
-        done = [p for p in ckpt_dir.glob("[0-9]*") if (p / "commit_success.txt").exists()] if ckpt_dir.exists() else []
+        # Finalised steps only: Orbax writes commit_success.txt into "<step>.orbax-checkpoint-tmp"
+        # and then renames it to "<step>"; a kill between the two leaves no usable checkpoint.
+        done = [p for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()
+                ] if ckpt_dir.exists() else []
         if done:
             killed.kill()  # SIGKILL: no cleanup, like a lost machine
             break
