@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SCALER_FILE = "target_scaler.json"
+DOMAIN_FILE = "domain.json"
 PERIODIC_DIR = "checkpoints"
 BEST_DIR = "best"
 

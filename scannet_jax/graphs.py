@@ -141,6 +141,37 @@ def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """What a model was trained on, hence where it may be applied (``domain.json`` of a workdir).
+
+    Attributes:
+      elements: atomic numbers present in the training split; None = unknown (not checked).
+      periodic: True for crystals, False for molecules, None = unknown or mixed (not checked).
+      max_atoms: atoms of the largest structure of the data set (sizes prediction buckets).
+    """
+
+    elements: frozenset[int] | None = None
+    periodic: bool | None = None
+    max_atoms: int = 64
+
+    @classmethod
+    def of(cls, train: GraphStore, everything: GraphStore, periodic: bool | None) -> Domain:
+        """The domain of a run: elements of its training split, sizes of all its splits."""
+        return cls(frozenset(int(z) for z in np.unique(train.atomic_numbers)), periodic,
+                   int(everything.n_node.max(initial=1)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"elements": None if self.elements is None else sorted(self.elements),
+                "periodic": self.periodic, "max_atoms": self.max_atoms}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Domain:
+        elements = value.get("elements")
+        return cls(None if elements is None else frozenset(int(z) for z in elements), value.get("periodic"),
+                   int(value.get("max_atoms", 64)))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GraphStore:
     """All structures of a data set, concatenated CSR style (S structures, A atoms, E edges).

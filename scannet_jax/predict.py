@@ -14,8 +14,9 @@ padded size rounded to 64 (one more compilation, never truncation). Within a cal
 are sorted by size before batching so that each batch lands in a tight bucket; results come back
 in input order.
 
-The elements and the periodicity a model may be applied to are derived from the training
-config's data set (``DATASET_DOMAINS``; train.py does not record them in the workdir).
+The elements and the periodicity a model may be applied to, and the size of the largest
+training structure, are read from the workdir's ``domain.json`` (``graphs.Domain``, written by
+``train.train_and_evaluate``).
 """
 
 from __future__ import annotations
@@ -39,30 +40,12 @@ from ase.data import chemical_symbols
 from scannet_jax import batching, checkpoints, models
 from scannet_jax.batching import Bucket
 from scannet_jax.datasets import featurize
-from scannet_jax.graphs import GraphStore
+from scannet_jax.graphs import Domain, GraphStore
 from scannet_jax.neighbors import FeaturizerSettings
 
 EDGES_PER_NODE = 6  # QM9 has at most 5.7 edges per atom (4.4 on average)
 MIN_NODES = 64
 PARALLEL_THRESHOLD = 256  # structures; smaller lists are featurised in this process
-
-
-@dataclasses.dataclass(frozen=True)
-class Domain:
-    """What a model was trained on: where it may be applied.
-
-    Attributes:
-      elements: atomic numbers present in the training data set; None = unknown (not checked).
-      periodic: True for crystals, False for molecules, None = unknown (not checked).
-      max_atoms: atoms of the largest training structure (sizes the largest bucket).
-    """
-
-    elements: frozenset[int] | None = None
-    periodic: bool | None = None
-    max_atoms: int = 64
-
-
-DATASET_DOMAINS = {"qm9": Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29)}
 
 
 class StructureError(ValueError):
@@ -174,11 +157,16 @@ class Predictor:
         scaler_file = workdir / checkpoints.SCALER_FILE
         saved = json.loads(scaler_file.read_text()) if scaler_file.is_file() else {}
         scaler = scaler or {"mean": saved.get("mean", 0.0), "std": saved.get("std", 1.0)}
+        domain_file = workdir / checkpoints.DOMAIN_FILE
+        if not domain_file.is_file():
+            raise FileNotFoundError(f"{domain_file}: missing; it records the elements and periodicity the "
+                                    "model was trained on (written at the start of training)")
+        domain = Domain.from_json(json.loads(domain_file.read_text()))
         data = config["data"]
         return cls(config["model"], params, settings=FeaturizerSettings(**data["featurizer"]),
                    ring=bool(data.get("ring", False)), target=data["target"],
                    units=saved.get("units", data.get("units", "")), mean=scaler["mean"], std=scaler["std"],
-                   domain=DATASET_DOMAINS.get(data["dataset"], Domain()), **kwargs)
+                   domain=domain, **kwargs)
 
     @classmethod
     def from_original(cls, weights: str | os.PathLike, config: Any = None, *, mean: float = 0.0,

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 import scannet_jax
 from scannet_jax import batching, checkpoints, losses, models, parallel, schedules
-from scannet_jax.graphs import GraphStore
+from scannet_jax.graphs import Domain, GraphStore
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -402,6 +402,13 @@ def load_store(config: ml_collections.ConfigDict) -> tuple[GraphStore, dict[str,
                    molecules=data.molecules, data_dir=data.source_dir or None, **common)
 
 
+def training_periodicity(config: ml_collections.ConfigDict) -> bool | None:
+    """False when every training structure is featurised as a molecule; None for a ``files``
+    data set that keeps each file's own periodicity (possibly mixed, so not checked)."""
+    data = config.data
+    return False if data.dataset != "files" or data.molecules else None
+
+
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
     """Loads the data set (`load_store`), splits it and computes the target scaler on the
     training split.
@@ -521,6 +528,7 @@ def _load_init_params(path: str, params: Any, config: ml_collections.ConfigDict)
         model_config, loaded = convert.load_original_weights(path)
     else:
         model_config, loaded, _ = checkpoints.load_pretrained(path)
+    loaded = _grow_embedding(loaded, params, path)
     ours = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     theirs = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
     problems = [f"{k}: {theirs.get(k, 'absent')} in {path}, {ours.get(k, 'absent')} here"
@@ -534,6 +542,26 @@ def _load_init_params(path: str, params: Any, config: ml_collections.ConfigDict)
             + "; ".join(problems[:10])
         )
     return jax.tree.map(lambda new, old: np.asarray(new, dtype=old.dtype), loaded, params)
+
+
+def _grow_embedding(loaded: Any, params: Any, path: str) -> Any:
+    """``loaded`` with its element table widened to ``params``' rows, if it has fewer.
+
+    The original's QM9 models embed only Z < 10; ours embed Z = 1..94. Rows the loaded table
+    lacks keep their fresh initialisation in ``params`` (elements the loaded model never saw).
+    """
+    table = loaded.get("embed_atom", {}).get("embedding")
+    fresh = params.get("embed_atom", {}).get("embedding")
+    if table is None or fresh is None or np.ndim(table) != 2 or np.shape(fresh)[1:] != np.shape(table)[1:]:
+        return loaded
+    rows, wanted = np.shape(table)[0], np.shape(fresh)[0]
+    if rows >= wanted:
+        return loaded
+    grown = np.array(fresh, dtype=np.asarray(table).dtype)
+    grown[:rows] = table
+    log.info("config.init_from=%s: element table has %d rows (Z < %d); rows %d..%d keep their fresh "
+             "initialisation", path, rows, rows, rows, wanted - 1)
+    return {**loaded, "embed_atom": {**loaded["embed_atom"], "embedding": grown}}
 
 
 class _MetricsWriter:
@@ -606,6 +634,8 @@ def train_and_evaluate(
     checkpoints.write_json(workdir_path / checkpoints.CONFIG_FILE, config_dict)
     checkpoints.write_json(workdir_path / checkpoints.SCALER_FILE,
                            {"target": target, "units": units, "mean": data.mean, "std": data.std})
+    checkpoints.write_json(workdir_path / checkpoints.DOMAIN_FILE,
+                           Domain.of(data.train, everything, training_periodicity(config)).to_json())
 
     schedule = create_epoch_schedule(config)
     loop = {"epoch": 0, "batch_index": 0, "epoch_lr": None, "lr_scale": 1.0, "best_val_mae": math.inf,

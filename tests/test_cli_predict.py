@@ -97,6 +97,14 @@ def test_round_trip_matches_training_evaluation(trained, tmp_path, capsys):
     assert top["ga_score"] == max(first["ga_scores"])
 
 
+def test_workdir_records_the_training_domain(trained):
+    workdir, _, _, _, data = trained
+    sizes = np.concatenate([data.split(s).n_node for s in ("train", "validation", "test")])
+    assert json.loads((workdir / "domain.json").read_text()) == {
+        "elements": sorted(set(data.train.atomic_numbers.tolist())), "periodic": False,
+        "max_atoms": int(sizes.max())}
+
+
 def test_checkpoint_directory_gives_the_same_predictions(trained):
     from scannet_jax import predict
 

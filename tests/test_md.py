@@ -297,6 +297,20 @@ def test_generated_data_set_trains(module, arg, chunks, frames, tmp_path):
     np.testing.assert_allclose(datasets.test.distances[lo:hi], expected.distances, rtol=1e-6)
     np.testing.assert_array_equal(datasets.test.senders[lo:hi], expected.senders)
     assert_trains(config, tmp_path, datasets)
+    # the workdir records what the model was trained on; predict refuses anything else
+    from ase.build import bulk, molecule
+
+    from scannet_jax import predict
+
+    domain = json.loads((tmp_path / "run" / "domain.json").read_text())
+    assert domain == {"elements": {"fullerene": [6], "pt_graphene": [1, 6, 78]}[module], "periodic": False,
+                      "max_atoms": max(len(s.numbers) for s in raw.structures)}
+    predictor = predict.Predictor.from_workdir(tmp_path / "run", num_workers=1)
+    assert np.isfinite(predictor(ase.Atoms(first.numbers, first.positions)).value)
+    with pytest.raises(predict.StructureError, match=r"element\(s\) O \(first: atom 0\) never seen in training"):
+        predictor(molecule("CO"))
+    with pytest.raises(predict.StructureError, match="a periodic structure .* given to a molecule model"):
+        predictor(bulk("C", "diamond", a=3.57))
 
 
 def test_files_config_featurises_periodic_extxyz_and_trains(tmp_path):
@@ -323,6 +337,17 @@ def test_files_config_featurises_periodic_extxyz_and_trains(tmp_path):
         np.testing.assert_allclose(store.solid_angles, 4 * np.pi / 6, rtol=1e-5)
         np.testing.assert_allclose(store.targets["energy"], -lattice[store.index] ** 2, atol=1e-6)
     assert_trains(config, tmp_path, datasets)
+    # files keep their own periodicity, so predict does not check it; elements are checked
+    from ase.build import bulk, molecule
+
+    from scannet_jax import predict
+
+    domain = json.loads((tmp_path / "run" / "domain.json").read_text())
+    assert domain == {"elements": [84], "periodic": None, "max_atoms": 1}
+    predictor = predict.Predictor.from_workdir(tmp_path / "run", num_workers=1)
+    assert np.isfinite(predictor(bulk("Po", "sc", a=3.1)).value)
+    with pytest.raises(predict.StructureError, match=r"element\(s\) H O \(first: atom 1\) never seen"):
+        predictor(molecule("H2O"))
 
 
 def test_unknown_data_set_names_the_known_ones():

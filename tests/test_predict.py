@@ -14,10 +14,11 @@ from ase.build import bulk, molecule
 
 from scannet_jax import batching, models, predict
 from scannet_jax.datasets import featurize
-from scannet_jax.graphs import GraphStore
+from scannet_jax.graphs import Domain, GraphStore
 from scannet_jax.neighbors import FeaturizerSettings
 
 MEAN, STD = -6.5, 0.6  # a HOMO-like scaler (eV)
+QM9_DOMAIN = Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29)
 
 
 def small_model_config():
@@ -37,7 +38,7 @@ def predictor():
     graphs = batching.pad_batch(store, [0], batching.Bucket(64, 384, 2), None)
     params = models.build_model(config).init(jax.random.PRNGKey(0), graphs)["params"]
     return predict.Predictor(config, params, settings=FeaturizerSettings(), target="homo", units="eV",
-                             mean=MEAN, std=STD, domain=predict.DATASET_DOMAINS["qm9"], batch_size=4,
+                             mean=MEAN, std=STD, domain=QM9_DOMAIN, batch_size=4,
                              num_workers=1)
 
 

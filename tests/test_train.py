@@ -209,6 +209,35 @@ def test_fine_tuning_accepts_original_weights():
     jax.tree.map(np.testing.assert_array_equal, loaded, original)
 
 
+def test_fine_tuning_widens_the_original_element_table():
+    """The original's QM9 weights embed Z < 10; a 95-row model keeps those rows and its own
+    initialisation for Z = 10..94, everything else is loaded as it is."""
+    import jax
+
+    from scannet_jax import convert, train
+
+    path = FIXTURES / "forward_scannplus_seed0.npz"
+    model_config, original = convert.load_original_weights(path)
+    assert original["embed_atom"]["embedding"].shape[0] == 10
+    config = fixture_config()
+    config.model = model_config
+    config.model.n_atoms = 95
+    fresh = train.create_model(config).init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[0], _one_batch(config)))
+    fresh = jax.tree.map(np.asarray, fresh["params"])
+    loaded = train._load_init_params(str(path), fresh, config)
+    table = loaded["embed_atom"]["embedding"]
+    assert table.shape == (95, model_config.embedding_dim)
+    np.testing.assert_array_equal(table[:10], original["embed_atom"]["embedding"])
+    np.testing.assert_array_equal(table[10:], fresh["embed_atom"]["embedding"][10:])
+    rest = lambda p: {k: v for k, v in p.items() if k != "embed_atom"}  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, rest(loaded), rest(original))
+    config.model.n_atoms = 5  # a smaller table is not cut down: Z = 5..9 would lose their rows
+    small = jax.eval_shape(lambda: train.create_model(config).init(
+        jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
+    with pytest.raises(ValueError, match=r"\['embed_atom'\]\['embedding'\]: \(10, 8\) in .*, \(5, 8\) here"):
+        train._load_init_params(str(path), small, config)
+
+
 def _one_batch(config):
     from scannet_jax import parallel, train
 
