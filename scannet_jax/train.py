@@ -93,12 +93,40 @@ def create_optimizer(
 
     def adam(learning_rate: float) -> optax.GradientTransformation:
         return optax.chain(
-            optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+            scale_by_keras_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
             optax.scale_by_schedule(factor),
             optax.scale_by_learning_rate(learning_rate),
         )
 
     return optax.inject_hyperparams(adam)(learning_rate=opt.lr)
+
+
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> optax.GradientTransformation:
+    """Adam's direction exactly as Keras-2 (and the original) computes it.
+
+    ``sqrt(1 - b2^t) / (1 - b1^t) · m_t / (sqrt(v_t) + eps)`` with the uncorrected moments
+    ``m_t``, ``v_t`` and t = step + 1: epsilon is added to the root of the *uncorrected* second
+    moment, where ``optax.scale_by_adam`` adds it after bias correction. The two differ by an
+    effective epsilon ``eps / sqrt(1 - b2^t)`` (3.2e-6 instead of 1e-7 at the first step), which
+    matters for parameters whose gradients are small. The result is not yet multiplied by
+    ``-learning_rate`` (chain with ``optax.scale_by_learning_rate``).
+    """
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple[Any, optax.ScaleByAdamState]:
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        count = optax.safe_int32_increment(state.count)
+        t = count.astype(jnp.float32)
+        correction = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        direction = jax.tree.map(lambda m, v: correction * m / (jnp.sqrt(v) + eps), mu, nu)
+        return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def create_epoch_schedule(config: ml_collections.ConfigDict) -> schedules.EpochSchedule:
@@ -180,7 +208,7 @@ def train_step(state: TrainState, batch: jraph.GraphsTuple, *, l2: float) -> tup
         return rmse + losses.l2_penalty(params, l2), (rmse, sums)
 
     (loss, (rmse, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jax.tree.reduce(lambda ok, g: ok & jnp.isfinite(g).all(), grads, jnp.isfinite(loss))
     updated = state.apply_gradients(grads=grads)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = state.replace(

@@ -270,7 +270,7 @@ def test_nonfinite_step_is_skipped():
 
 
 def test_optimizer_applies_the_original_learning_rate():
-    """Our update divided by plain Adam's at a constant 5e-4 is the schedule's applied rate / 5e-4.
+    """Our update divided by the same Adam direction at a constant 5e-4 is the applied rate / 5e-4.
 
     The ratio cancels Adam's own float32 rounding (its bias correction is off by ~1e-5 early on).
     """
@@ -284,7 +284,7 @@ def test_optimizer_applies_the_original_learning_rate():
     config.optimizer.lr = 5e-4
     config.optimizer.schedule = "cosine"
     ours = train.create_optimizer(config, steps_per_epoch=860)
-    plain = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
+    plain = optax.chain(train.scale_by_keras_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
     params = jnp.zeros(())
     state_ours, state_plain = ours.init(params), plain.init(params)
     ratios = []
