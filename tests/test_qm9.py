@@ -155,6 +155,35 @@ def test_cached_store_round_trip_and_rebuild(tmp_path, caplog, monkeypatch):
     assert len(builds) == 4
 
 
+def _build_cache_slowly(args: tuple[str, str]) -> int:
+    """Worker of the test below: builds the toy cache, logging each build call to a file."""
+    import time
+
+    from test_graphs import random_store
+
+    path, log_file = args
+
+    def build():
+        with open(log_file, "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+        return random_store()[0]
+
+    store = featurize.cached_store(Path(path) / "key" / "graphs", build, metadata={"dataset": "toy"},
+                                   invalidate=Path(path) / "key")
+    return len(store)
+
+
+def test_concurrent_processes_build_the_cache_once(tmp_path):
+    import multiprocessing
+
+    log_file = tmp_path / "builds.txt"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        sizes = pool.map(_build_cache_slowly, [(str(tmp_path), str(log_file))] * 2, chunksize=1)
+    assert log_file.read_text() == "built\n"
+    assert sizes[0] == sizes[1] > 0
+
+
 @pytest.fixture(scope="module")
 def settings():
     from scannet_jax.neighbors import FeaturizerSettings

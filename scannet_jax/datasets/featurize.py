@@ -9,6 +9,7 @@ rebuilds it with a logged warning when the saved copy is damaged or was made dif
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -88,7 +89,9 @@ def cached_store(
     A saved store that fails verification (`GraphStore.load`: truncated or missing file,
     checksum, format version, metadata) is never used: a warning is logged, `invalidate`
     (default `path`; e.g. the whole keyed directory including intermediate files) is deleted and
-    the store is rebuilt.
+    the store is rebuilt. Processes sharing the cache (several runs, or the processes of one
+    multi-host run) take an advisory lock on `<invalidate>.lock` first: one of them builds, the
+    others wait and load its result.
 
     Args:
       path: directory of the saved store.
@@ -96,15 +99,19 @@ def cached_store(
       metadata: saved in, and required of, the manifest.
       invalidate: directory to delete before rebuilding a bad copy.
     """
-    if path.exists():
-        try:
-            return GraphStore.load(path, expect=metadata)
-        except CorruptStoreError as err:
-            log.warning("Feature cache %s is unusable and will be rebuilt: %s", path, err)
-            shutil.rmtree(invalidate or path)
-    store = build()
-    store.save(path, metadata)
-    return store
+    lock = Path(f"{invalidate or path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or its process dies
+        if path.exists():
+            try:
+                return GraphStore.load(path, expect=metadata)
+            except CorruptStoreError as err:
+                log.warning("Feature cache %s is unusable and will be rebuilt: %s", path, err)
+                shutil.rmtree(invalidate or path)
+        store = build()
+        store.save(path, metadata)
+        return store
 
 
 def _bond_graph(numbers: np.ndarray, positions: np.ndarray) -> list[list[int]]:
