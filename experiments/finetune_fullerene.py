@@ -5,11 +5,13 @@ optimiser) except ``max_wall_time_s`` (the budget, which includes the final eval
 ``log_every_steps`` (dense learning curves) and ``final_train_eval_limit`` (bounds the final
 training-split evaluation); the fine-tuned run adds ``init_from``. They run one after the other
 through ``main.py`` so that each has the whole machine; each run's command, wall and CPU time and
-the load average before and after are recorded.
+the load average before and after are recorded. ``--seeds`` repeats the pair with other
+initialisation / data-order seeds (``config.seed``; the split's ``split_seed`` stays fixed, so
+every run sees the same split).
 
 Usage::
 
-    python experiments/finetune_fullerene.py --init_from=runs/qm9_homo_30min --budget_s=300
+    python experiments/finetune_fullerene.py --init_from=runs/qm9_homo_30min --budget_s=300 --seeds=0,1
 
 Writes ``experiments/results/finetune_fullerene.json`` and
 ``experiments/plots/finetune_fullerene.png`` (learning curves of both runs).
@@ -27,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget_s", type=float, default=300.0,
                         help="max_wall_time_s of each run (training + final evaluation), seconds")
     parser.add_argument("--config_arg", default="homo", help="argument of configs/fullerene.py")
+    parser.add_argument("--seeds", default="0", help="comma-separated config.seed values, one pair of runs each")
     parser.add_argument("--log_every_steps", type=int, default=2)
     parser.add_argument("--final_train_eval_limit", type=int, default=300)
     parser.add_argument("--workdir_root", default=str(REPO / "runs" / "finetune_fullerene"),
@@ -46,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_one(name: str, args: argparse.Namespace, init_from: str) -> dict:
+def run_one(name: str, args: argparse.Namespace, init_from: str, seed: int) -> dict:
     """Trains one side through main.py; returns its results.json plus timing and command."""
     workdir = Path(args.workdir_root) / name
     if workdir.exists():
@@ -54,7 +59,7 @@ def run_one(name: str, args: argparse.Namespace, init_from: str) -> dict:
     command = [sys.executable, "main.py", f"--config=configs/fullerene.py:{args.config_arg}",
                f"--workdir={workdir}", f"--config.max_wall_time_s={args.budget_s}",
                f"--config.log_every_steps={args.log_every_steps}",
-               f"--config.final_train_eval_limit={args.final_train_eval_limit}"]
+               f"--config.final_train_eval_limit={args.final_train_eval_limit}", f"--config.seed={seed}"]
     if init_from:
         command.append(f"--config.init_from={init_from}")
     load_before = os.getloadavg()
@@ -70,6 +75,7 @@ def run_one(name: str, args: argparse.Namespace, init_from: str) -> dict:
         "command": " ".join(command),
         "workdir": str(workdir.relative_to(REPO) if workdir.is_relative_to(REPO) else workdir),
         "init_from": init_from,
+        "seed": seed,
         "test_mae": results["test_mae"],
         "mae": results["mae"],
         "rmse": results["rmse"],
@@ -101,13 +107,15 @@ def plot(runs: dict[str, dict], path: Path, units: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (name, run), color in zip(runs.items(), ("C0", "C1")):
+    for name, run in runs.items():
+        color = "C1" if run["init_from"] else "C0"
+        marker = "so^vD"[run["seed"] % 5]
         interval = run["curves"]["interval"]
         if interval:
-            ax.plot(*zip(*interval), color=color, lw=1, label=f"{name}: running train MAE")
+            ax.plot(*zip(*interval), color=color, lw=1, alpha=0.7, label=f"{name}: running train MAE")
         epochs = run["curves"]["epoch"]
         if epochs:
-            ax.plot([e[0] for e in epochs], [e[2] for e in epochs], "s", color=color, ms=7,
+            ax.plot([e[0] for e in epochs], [e[2] for e in epochs], marker, color=color, ms=6,
                     label=f"{name}: validation MAE (epoch end)")
         ax.axhline(run["test_mae"], color=color, ls="--", lw=1,
                    label=f"{name}: test MAE {run['test_mae']:.4f} {units} ({run['params_from']})")
@@ -123,14 +131,23 @@ def plot(runs: dict[str, dict], path: Path, units: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    runs = {"scratch": run_one("scratch", args, "")}
-    if args.init_from:
-        runs["finetuned"] = run_one("finetuned", args, str(Path(args.init_from).absolute()))
+    runs = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        runs[f"scratch_seed{seed}"] = run_one(f"scratch_seed{seed}", args, "", seed)
+        if args.init_from:
+            runs[f"finetuned_seed{seed}"] = run_one(f"finetuned_seed{seed}", args,
+                                                    str(Path(args.init_from).absolute()), seed)
     units = "eV"
-    print(f"\n{'run':<10} {'test MAE (eV)':>14} {'val MAE':>9} {'epochs':>7} {'steps':>6} {'wall s':>7} "
+    summary = {}
+    for side in ("scratch", "finetuned"):
+        maes = [run["test_mae"] for name, run in runs.items() if name.startswith(side)]
+        if maes:
+            summary[side] = {"test_mae": maes, "mean": float(np.mean(maes)), "std": float(np.std(maes)),
+                             "n": len(maes)}
+    print(f"\n{'run':<16} {'test MAE (eV)':>14} {'val MAE':>9} {'epochs':>7} {'steps':>6} {'wall s':>7} "
           f"{'CPU s':>7}  load before/after")
     for name, run in runs.items():
-        print(f"{name:<10} {run['test_mae']:>14.5f} {run['mae']['validation']:>9.5f} "
+        print(f"{name:<16} {run['test_mae']:>14.5f} {run['mae']['validation']:>9.5f} "
               f"{run['epochs_reached']:>7.2f} {run['steps_run']:>6d} {run['process_wall_time_s']:>7.0f} "
               f"{run['process_cpu_time_s']:>7.0f}  {run['loadavg_before'][0]:.2f}/{run['loadavg_after'][0]:.2f}")
     out = {
@@ -140,8 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "config": f"configs/fullerene.py:{args.config_arg}",
         "machine": {"cpu_count": os.cpu_count()},
+        "summary": summary,
         "runs": runs,
     }
+    for side, stats in summary.items():
+        print(f"{side}: test MAE {stats['mean']:.5f} ± {stats['std']:.5f} eV over {stats['n']} seed(s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     plot(runs, Path(args.plot), units)

@@ -172,3 +172,28 @@ def test_original_weights_reproduce_the_original_forward_pass():
         assert p.value == pytest.approx(float(forward["prediction"][k, 0]), abs=1e-5)
         np.testing.assert_allclose(p.ga_scores, forward["ga_score"][k, :len(mols[k]), 0], atol=1e-6)
         assert q.value == pytest.approx(3.0 * p.value + 2.0, abs=1e-5)
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
+def test_command_line_predicts_with_original_weights(tmp_path, capsys):
+    """``main.py predict --original-weights W --target-mean M --target-std S FILE`` gives the
+    original's prediction (scaled) and GA scores for benzene from the fixtures."""
+    import json
+
+    import ase.io
+
+    from scannet_jax import cli_predict
+
+    nb = np.load(FIXTURES / "neighbours.npz")
+    forward = np.load(FIXTURES / "forward_scannplus_seed0.npz")
+    s = next(k for k, n in enumerate(nb["names"]) if str(n).startswith(str(forward["structure_names"][0])[:10]))
+    a, b = nb["atom_ptr"][s], nb["atom_ptr"][s + 1]
+    path = tmp_path / "benzene.xyz"
+    ase.io.write(path, Atoms(nb["Z"][a:b], nb["positions_float32_fed"][a:b].astype(np.float64)))
+    status = cli_predict.main([f"--original-weights={FIXTURES / 'forward_scannplus_seed0.npz'}", "--target-mean=2",
+                               "--target-std=3", str(path), f"--json={tmp_path / 'out.json'}", "--num-workers=1"])
+    assert status == 0
+    row = json.loads((tmp_path / "out.json").read_text())["structures"][0]
+    assert row["prediction"] == pytest.approx(3.0 * float(forward["prediction"][0, 0]) + 2.0, abs=1e-4)
+    np.testing.assert_allclose(row["ga_scores"], forward["ga_score"][0, :b - a, 0], atol=1e-6)
+    assert "benzene.xyz" in capsys.readouterr().out

@@ -70,9 +70,10 @@ def _subprocess_env(cache: Path) -> dict[str, str]:
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _start(workdir: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--workdir", str(workdir)], env=_subprocess_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(workdir: Path, cache: Path, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--workdir", str(workdir), *args],
+                            env={**_subprocess_env(cache), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def _final_params(workdir: Path) -> dict[str, np.ndarray]:
@@ -117,6 +118,42 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     resumed_results = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert resumed_results["mae"] == full_results["mae"]
     assert resumed_results["steps_run"] == full_results["steps_run"] == 15
+
+
+def test_two_processes_checkpoint_resume_and_end_like_one(tmp_path):
+    """2 processes on localhost (jax.distributed, one CPU device each, one shared workdir) save
+    Orbax checkpoints together, resume from them together, and end with the parameters of one
+    process trained on the same global batches (dropout off: masks depend on the device)."""
+    cache = tmp_path / "jax_cache"
+    single = _start(tmp_path / "one", cache, "--epochs=3", "--no-dropout")
+    port = str(test_parallel._free_port())
+
+    def two(epochs: int) -> list[str]:
+        procs = [_start(tmp_path / "two", cache, f"--epochs={epochs}", "--no-dropout",
+                        JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
+                 for rank in range(2)]
+        try:
+            outputs = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:  # a process left waiting for its peer would outlive the test
+                p.kill()
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out[-3000:]
+        return outputs
+
+    two(epochs=2)
+    assert (tmp_path / "two" / "results.json").exists()
+    resumed = two(epochs=3)
+    assert "Resuming from checkpoint step 10 (epoch 2, batch 0/5)" in resumed[0]
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out[-3000:]
+    a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    one, both = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("one", "two"))
+    assert both["steps_run"] == one["steps_run"] == 15
+    assert both["mae"] == pytest.approx(one["mae"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -317,10 +354,14 @@ def test_tiny_qm9_loss_falls(tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--no-dropout", action="store_true")
     args = parser.parse_args()
     from scannet_jax import train
 
-    train.train_and_evaluate(fixture_config(), args.workdir, datasets=fixture_datasets())
+    dropout = 0.0 if args.no_dropout else 0.1
+    config = fixture_config(num_epochs=args.epochs, **{"model.embed_dropout": dropout, "model.ffn_dropout": dropout})
+    train.train_and_evaluate(config, args.workdir, datasets=fixture_datasets())
 
 
 def test_config_variants_and_errors():
