@@ -245,7 +245,10 @@ def _describe(err: Exception) -> str:
 
 
 def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, float] | None]:
-    """Reads parameters to fine-tune from (no abstract target: arrays come back as numpy).
+    """Reads the parameters of a run (to predict with or fine-tune from) as numpy arrays.
+
+    The arrays are restored onto this process's first device whatever the device count or
+    number of hosts of the run that saved them, then copied to the host.
 
     Args:
       path: a workdir (its best-validation params, else its newest periodic checkpoint), a
@@ -275,12 +278,17 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, fl
     root, step = candidates[0]
     try:
         with ocp.CheckpointManager(root, item_handlers=_handlers()) as manager:
+            # Without a target Orbax would restore onto the saving run's devices and fail on
+            # another topology (e.g. a 2-host run read by one process).
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=local),
+                                  manager.item_metadata(step)["state"])
             restored = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
             )
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{root / str(step)}: {_describe(err)}") from err
-    tree, meta = restored.state, dict(restored.meta)
+    tree, meta = jax.device_get(restored.state), dict(restored.meta)
     params = tree["params"]
     scaler = None
     if "target_mean" in tree:
