@@ -147,21 +147,22 @@ class Predictor:
           **kwargs: ``batch_size``, ``num_workers`` (see the class).
 
         Raises:
-          FileNotFoundError: if no ``config.json`` belongs to ``path``.
+          FileNotFoundError: if no ``config.json`` belongs to ``path``, or the workdir lacks its
+            ``domain.json``.
           checkpoints.CheckpointError: if it holds no readable checkpoint.
         """
         path = Path(path).absolute()
         workdir = _find_workdir(path)
         config = json.loads((workdir / checkpoints.CONFIG_FILE).read_text())
-        _, params, scaler = checkpoints.load_pretrained(path)
-        scaler_file = workdir / checkpoints.SCALER_FILE
-        saved = json.loads(scaler_file.read_text()) if scaler_file.is_file() else {}
-        scaler = scaler or {"mean": saved.get("mean", 0.0), "std": saved.get("std", 1.0)}
         domain_file = workdir / checkpoints.DOMAIN_FILE
         if not domain_file.is_file():
             raise FileNotFoundError(f"{domain_file}: missing; it records the elements and periodicity the "
                                     "model was trained on (written at the start of training)")
         domain = Domain.from_json(json.loads(domain_file.read_text()))
+        _, params, scaler = checkpoints.load_pretrained(path)
+        scaler_file = workdir / checkpoints.SCALER_FILE
+        saved = json.loads(scaler_file.read_text()) if scaler_file.is_file() else {}
+        scaler = scaler or {"mean": saved.get("mean", 0.0), "std": saved.get("std", 1.0)}
         data = config["data"]
         return cls(config["model"], params, settings=FeaturizerSettings(**data["featurizer"]),
                    ring=bool(data.get("ring", False)), target=data["target"],

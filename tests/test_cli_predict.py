@@ -105,6 +105,18 @@ def test_workdir_records_the_training_domain(trained):
         "max_atoms": int(sizes.max())}
 
 
+def test_workdir_without_domain_is_refused_naming_the_file(trained, tmp_path):
+    import shutil
+
+    from scannet_jax import predict
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    (copy / "domain.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{copy / 'domain.json'}: missing; it records the elements"):
+        predict.Predictor.from_workdir(copy, num_workers=1)
+
+
 def test_checkpoint_directory_gives_the_same_predictions(trained):
     from scannet_jax import predict
 
