@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from scannet_jax import batching, models, predict  # noqa: E402
 from scannet_jax.datasets import qm9  # noqa: E402
-from scannet_jax.graphs import Domain, GraphStore  # noqa: E402
+from scannet_jax.graphs import GraphStore  # noqa: E402
 from scannet_jax.neighbors import FeaturizerSettings  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def random_predictor(model: str, batch_size: int, num_workers: int | None) -> pr
                                 batching.Bucket(64, 384, 2), None)
     params = models.build_model(config).init(jax.random.PRNGKey(0), graphs)["params"]
     return predict.Predictor(config, params, settings=FeaturizerSettings(), target="homo", units="eV",
-                             domain=Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29), batch_size=batch_size, num_workers=num_workers)
+                             domain=qm9.DOMAIN, batch_size=batch_size, num_workers=num_workers)
 
 
 def main() -> None:

@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                                                     str(Path(args.init_from).absolute()), seed)
     units = "eV"
     summary = {}
-    for side in ("scratch", "finetuned"):
-        maes = [run["test_mae"] for name, run in runs.items() if name.startswith(side)]
+    for side, fine_tuned in (("scratch", False), ("finetuned", True)):
+        maes = [run["test_mae"] for run in runs.values() if bool(run["init_from"]) == fine_tuned]
         if maes:
             summary[side] = {"test_mae": maes, "mean": float(np.mean(maes)), "std": float(np.std(maes)),
                              "n": len(maes)}

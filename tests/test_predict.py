@@ -5,6 +5,7 @@ batching against single calls, compilation counts, large structures and error me
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -13,12 +14,11 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from scannet_jax import batching, models, predict
-from scannet_jax.datasets import featurize
-from scannet_jax.graphs import Domain, GraphStore
+from scannet_jax.datasets import featurize, qm9
+from scannet_jax.graphs import GraphStore
 from scannet_jax.neighbors import FeaturizerSettings
 
 MEAN, STD = -6.5, 0.6  # a HOMO-like scaler (eV)
-QM9_DOMAIN = Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29)
 
 
 def small_model_config():
@@ -38,7 +38,7 @@ def predictor():
     graphs = batching.pad_batch(store, [0], batching.Bucket(64, 384, 2), None)
     params = models.build_model(config).init(jax.random.PRNGKey(0), graphs)["params"]
     return predict.Predictor(config, params, settings=FeaturizerSettings(), target="homo", units="eV",
-                             mean=MEAN, std=STD, domain=QM9_DOMAIN, batch_size=4,
+                             mean=MEAN, std=STD, domain=qm9.DOMAIN, batch_size=4,
                              num_workers=1)
 
 
@@ -153,18 +153,25 @@ def test_worker_pool_featurisation_equals_in_process(predictor, monkeypatch):
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
-def test_original_weights_reproduce_the_original_forward_pass():
-    """Benzene and formamide from neighbours.npz through from_original (original-mode neighbours)
-    give the original's predictions and GA scores (forward_scannplus_seed0.npz)."""
+def forward_fixture_molecules(count: int) -> tuple[list[Atoms], Any]:
+    """The first ``count`` molecules of forward_scannplus_seed0.npz (benzene #214, formamide #12)
+    as fed to the original (from neighbours.npz), and that fixture."""
     nb = np.load(FIXTURES / "neighbours.npz")
     forward = np.load(FIXTURES / "forward_scannplus_seed0.npz")
     names = [str(n) for n in nb["names"]]
     mols = []
-    for label in forward["structure_names"][:2]:  # benzene (#214), formamide (#12)
+    for label in forward["structure_names"][:count]:
         s = next(k for k, n in enumerate(names) if n.startswith(str(label)[:10]))
         a, b = nb["atom_ptr"][s], nb["atom_ptr"][s + 1]
         mols.append(Atoms(nb["Z"][a:b], nb["positions_float32_fed"][a:b].astype(np.float64)))
+    return mols, forward
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
+def test_original_weights_reproduce_the_original_forward_pass():
+    """Benzene and formamide from neighbours.npz through from_original (original-mode neighbours)
+    give the original's predictions and GA scores (forward_scannplus_seed0.npz)."""
+    mols, forward = forward_fixture_molecules(2)
     plain = predict.Predictor.from_original(FIXTURES / "forward_scannplus_seed0.npz", num_workers=1)
     scaled = predict.Predictor.from_original(FIXTURES / "forward_scannplus_seed0.npz", mean=2.0, std=3.0,
                                              num_workers=1)
@@ -184,16 +191,13 @@ def test_command_line_predicts_with_original_weights(tmp_path, capsys):
 
     from scannet_jax import cli_predict
 
-    nb = np.load(FIXTURES / "neighbours.npz")
-    forward = np.load(FIXTURES / "forward_scannplus_seed0.npz")
-    s = next(k for k, n in enumerate(nb["names"]) if str(n).startswith(str(forward["structure_names"][0])[:10]))
-    a, b = nb["atom_ptr"][s], nb["atom_ptr"][s + 1]
+    [benzene], forward = forward_fixture_molecules(1)
     path = tmp_path / "benzene.xyz"
-    ase.io.write(path, Atoms(nb["Z"][a:b], nb["positions_float32_fed"][a:b].astype(np.float64)))
+    ase.io.write(path, benzene)
     status = cli_predict.main([f"--original-weights={FIXTURES / 'forward_scannplus_seed0.npz'}", "--target-mean=2",
                                "--target-std=3", str(path), f"--json={tmp_path / 'out.json'}", "--num-workers=1"])
     assert status == 0
     row = json.loads((tmp_path / "out.json").read_text())["structures"][0]
     assert row["prediction"] == pytest.approx(3.0 * float(forward["prediction"][0, 0]) + 2.0, abs=1e-4)
-    np.testing.assert_allclose(row["ga_scores"], forward["ga_score"][0, :b - a, 0], atol=1e-6)
+    np.testing.assert_allclose(row["ga_scores"], forward["ga_score"][0, :len(benzene), 0], atol=1e-6)
     assert "benzene.xyz" in capsys.readouterr().out

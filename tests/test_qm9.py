@@ -43,6 +43,7 @@ def test_read_full_dataset_count_and_unique_index():
     assert np.unique(mol.gdb_index).size == len(mol) and (np.diff(mol.gdb_index) > 0).all()
     assert mol.atom_ptr[-1] == mol.positions.shape[0] and mol.n_atoms.max() == 29
     assert set(np.unique(mol.numbers).tolist()) == {1, 6, 7, 8, 9}
+    assert qm9.DOMAIN.elements == {1, 6, 7, 8, 9} and qm9.DOMAIN.max_atoms == mol.n_atoms.max()
     assert all(np.isfinite(v).all() for v in mol.targets.values())
 
 

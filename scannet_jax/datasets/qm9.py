@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from scannet_jax.datasets import featurize
-from scannet_jax.graphs import GraphStore
+from scannet_jax.graphs import Domain, GraphStore
 
 HARTREE_TO_EV = 27.211386
 NUM_MOLECULES = 130_831
+# Where a model trained on all of QM9 applies: H C N O F molecules of at most 29 atoms.
+DOMAIN = Domain(frozenset({1, 6, 7, 8, 9}), periodic=False, max_atoms=29)
 # The reference split sizes (scann-reference.md §3); the test set is the remaining 10,831.
 NUM_TRAIN, NUM_VALIDATION = 110_000, 10_000
 SPLITS = ("train", "validation", "test")
