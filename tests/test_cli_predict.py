@@ -38,12 +38,9 @@ def trained(tmp_path_factory):
     config.data.data_dir = str(tmp_path_factory.mktemp("feature_cache"))
     config.data.num_workers = 1
     workdir = tmp_path_factory.mktemp("tiny_qm9")
-    try:
-        data = train.get_datasets(config)
-        from scannet_jax.datasets import qm9
-        molecules = qm9.read_qm9(limit=config.data.limit)
-    except ModuleNotFoundError as err:
-        pytest.skip(f"QM9 data not available: {err}")
+    data = train.get_datasets(config)
+    from scannet_jax.datasets import qm9
+    molecules = qm9.read_qm9(limit=config.data.limit)
     results = train.train_and_evaluate(config, str(workdir), datasets=data)
     test_atoms = []
     for s in data.test.index:

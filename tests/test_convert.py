@@ -14,10 +14,7 @@ import yaml
 
 from scannet_jax import convert, models
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}"
-)
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 VARIANTS = ("scannplus", "scann", "scannplus_ring")
 
 
@@ -81,7 +78,6 @@ def assert_same_params(a, b):
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_npz_weights_fill_every_param_of_the_model(variant):
     config, params = convert.load_original_weights(fixture(variant))
@@ -96,7 +92,6 @@ def test_npz_weights_fill_every_param_of_the_model(variant):
     assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, params)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("full_model", (False, True))
 def test_keras_h5_matches_npz(tmp_path, full_model):
     names, weights, original_config = original_weights("scannplus")
@@ -114,7 +109,6 @@ def test_keras_h5_matches_npz(tmp_path, full_model):
     assert_same_params(params, npz_params)
 
 
-@needs_fixtures
 def test_keras_h5_needs_a_config(tmp_path):
     names, weights, original_config = original_weights("scann")
     h5_path = write_keras_h5(tmp_path / "weights.h5", names, weights, False)
@@ -126,7 +120,6 @@ def test_keras_h5_needs_a_config(tmp_path):
     assert_same_params(params, npz_params)
 
 
-@needs_fixtures
 def test_other_keras_counters_still_load(tmp_path):
     """A model built after others in the same Keras session has shifted global counters."""
     names, weights, config = original_weights("scann")
@@ -148,7 +141,6 @@ def test_other_keras_counters_still_load(tmp_path):
     assert_same_params(params, convert.load_original_weights(fixture("scann"))[1])
 
 
-@needs_fixtures
 def test_missing_extra_and_misshaped_weights_are_named(tmp_path):
     names, weights, config = original_weights("scannplus")
 
@@ -198,7 +190,6 @@ def batch_inputs(variant: str = "scannplus") -> dict[str, np.ndarray]:
     return {k.removeprefix("input/"): data[k] for k in data.files if k.startswith("input/")}
 
 
-@needs_fixtures
 def test_graphs_round_trip_to_the_padded_batch():
     inputs = batch_inputs("scannplus_ring")
     graphs = convert.graphs_from_original_batch(inputs, targets=np.arange(float(len(inputs["atomic"]))))
@@ -224,7 +215,6 @@ def test_graphs_round_trip_to_the_padded_batch():
     assert edge == len(graphs.senders)
 
 
-@needs_fixtures
 def test_relative_weights_rebuilt_from_solid_angles():
     neighbours = np.load(FIXTURES / "neighbours.npz")
     # ρ = Ω / max over i's edges equals the original's ρ wherever i's largest facet is an edge.
@@ -249,7 +239,6 @@ def test_relative_weights_rebuilt_from_solid_angles():
     np.testing.assert_array_equal(largest_rho[np.unique(graphs.receivers)], 1.0)
 
 
-@needs_fixtures
 def test_relative_weight_batches_and_bad_batches():
     inputs = batch_inputs("scann")
     graphs = convert.graphs_from_original_batch(inputs, weight="relative_weight")

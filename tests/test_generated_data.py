@@ -73,7 +73,6 @@ def test_pt_graphene_chunks_load_with_binding_energy():
 
 
 def test_md_driver_resumes_bit_for_bit(tmp_path, monkeypatch):
-    pytest.importorskip("tblite", reason="tblite (extra 'md') generates the data sets")
     monkeypatch.syspath_prepend(str(DATA))
     import xtb_md
     from ase.build import molecule

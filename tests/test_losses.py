@@ -6,13 +6,14 @@ import functools
 
 import flax
 import jax
+import optax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scannet_jax import convert, losses, models
 
-from test_models import FIXTURES, load_variant, needs_fixtures
+from test_models import FIXTURES, load_variant
 
 
 def setup(variant: str):
@@ -64,7 +65,6 @@ def test_l2_penalty_by_hand():
     assert float(losses.l2_penalty(params, coeff=0.5)) == pytest.approx(0.5 * (6 * 4.0 + 4))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann", "scannplus_ring"))
 def test_loss_matches_original(variant):
     data, _, _, params, _, _ = setup(variant)
@@ -74,7 +74,6 @@ def test_loss_matches_original(variant):
     assert float(total) == pytest.approx(float(data["loss_total"]), rel=1e-5)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann"))
 def test_gradient_matches_tensorflow(variant):
     grads_ref = np.load(FIXTURES / f"grad_{variant}_seed0.npz")
@@ -94,7 +93,6 @@ def test_gradient_matches_tensorflow(variant):
             )
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann"))
 def test_one_legacy_adam_step_matches_keras(variant):
     """One Keras-2 legacy Adam step (lr 5e-4, decay 1e-5, epsilon 1e-7) on the fixture batch.
@@ -103,7 +101,6 @@ def test_one_legacy_adam_step_matches_keras(variant):
     lr_t = lr/(1 + decay·t)·sqrt(1 − β2^(t+1))/(1 − β1^(t+1)): ε is added to the root of the
     *uncorrected* v (``train.scale_by_keras_adam``); at the first step the decay is still 1.
     """
-    optax = pytest.importorskip("optax")
     from scannet_jax import train
 
     data, _, model, params, graphs, _ = setup(variant)
@@ -123,7 +120,6 @@ def test_keras_adam_follows_the_keras_update_rule_over_many_steps():
     """Keras-2's ResourceApplyAdam written out in float64 NumPy: m, v uncorrected, ε added to
     sqrt(v), the bias corrections folded into the rate. Gradients span 1e-9..1 so that the place
     of ε matters (optax's Adam differs by up to 25 % on the small ones)."""
-    optax = pytest.importorskip("optax")
     from scannet_jax import train
 
     rng = np.random.default_rng(0)

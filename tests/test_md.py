@@ -68,7 +68,7 @@ def test_generated_files_errors(tmp_path):
 
 
 def test_load_structure_files_builds_store_and_group_splits(tmp_path):
-    neighbors = pytest.importorskip("scannet_jax.neighbors", reason="neighbors.py not in this checkout yet")
+    from scannet_jax import neighbors
     frame = "3\n{e} 0.5\nO 0.0 0.0 {z}\nH 0.0 0.76 -0.47\nH 0.0 -0.76 -0.47\n"
     paths = []
     for k in range(3):

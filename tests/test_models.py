@@ -15,12 +15,9 @@ import pytest
 
 from scannet_jax import convert, models
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 VARIANTS = ("scannplus", "scann", "scannplus_ring")
 
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}"
-)
 
 
 @functools.cache
@@ -49,11 +46,10 @@ def budget() -> tuple[int, int, int]:
     Large enough for the whole fixture batch plus spare padding graphs, nodes and edges.
     """
     n_node, n_edge, n_graph = 64, 192, 6
-    if FIXTURES.is_dir():
-        graphs = load_variant("scannplus")[3]
-        n_node = max(n_node, 64 * (int(graphs.n_node.sum()) // 64 + 1))
-        n_edge = max(n_edge, 64 * (len(graphs.senders) // 64 + 1))
-        n_graph = max(n_graph, len(graphs.n_node) + 2)
+    graphs = load_variant("scannplus")[3]
+    n_node = max(n_node, 64 * (int(graphs.n_node.sum()) // 64 + 1))
+    n_edge = max(n_edge, 64 * (len(graphs.senders) // 64 + 1))
+    n_graph = max(n_graph, len(graphs.n_node) + 2)
     return n_node, n_edge, n_graph
 
 
@@ -69,7 +65,6 @@ def jitted_apply(model: models.Scann):
     return jax.jit(lambda params, graphs: model.apply({"params": params}, graphs))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_original_forward(variant):
     data, model, params, graphs = load_variant(variant)
@@ -105,7 +100,6 @@ def test_matches_original_forward(variant):
     assert len(compared) >= 14
 
 
-@needs_fixtures
 def test_atom_without_neighbours_gets_layer_norm_of_query():
     # Such atoms occur in the original's lists (benzene's H 9, reference §1.1); make atom 0 one.
     path = FIXTURES / "forward_scannplus_seed0.npz"
@@ -125,7 +119,6 @@ def test_atom_without_neighbours_gets_layer_norm_of_query():
     np.testing.assert_allclose(acts["block0_la_context"][0], expected, rtol=1e-5, atol=1e-6)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann"))
 def test_invariant_to_atom_and_edge_permutation(variant):
     _, model, params, graphs = load_variant(variant)
@@ -157,7 +150,6 @@ def test_invariant_to_atom_and_edge_permutation(variant):
         )
 
 
-@needs_fixtures
 def test_invariant_to_batch_company_and_padding():
     _, model, params, graphs = load_variant("scannplus")
     apply = jitted_apply(model)
@@ -214,7 +206,6 @@ METHANOL_POS = np.array(
 )
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann"))
 def test_invariant_to_rotation_and_translation(variant):
     _, model, params, _ = load_variant(variant)
@@ -237,7 +228,6 @@ def single_atom_graph(z: int) -> jraph.GraphsTuple:
     )
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ("scannplus", "scann"))
 def test_one_atom_structure_is_finite_with_score_one(variant):
     _, model, params, _ = load_variant(variant)
@@ -256,7 +246,6 @@ def test_one_atom_structure_is_finite_with_score_one(variant):
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
 
 
-@needs_fixtures
 def test_ga_scores_sum_to_one_per_graph_and_vanish_on_padding():
     _, model, params, graphs = load_variant("scannplus_ring")
     num = len(graphs.n_node) - 1
@@ -269,7 +258,6 @@ def test_ga_scores_sum_to_one_per_graph_and_vanish_on_padding():
     assert np.all(np.asarray(ga_scores) >= 0)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bfloat16_close_to_float32(variant):
     _, model, params, graphs = load_variant(variant)
@@ -324,7 +312,6 @@ def test_no_pair_or_dense_neighbour_tensors():
         assert not (num_nodes in shape and max_in_degree in shape and len(shape) >= 2), shape
 
 
-@needs_fixtures
 def test_dropout_only_in_training():
     _, model, params, graphs = load_variant("scannplus")
     model = models.Scann(config=model.config.__class__(**{**vars(model.config), "use_drop": True}))
@@ -338,7 +325,6 @@ def test_dropout_only_in_training():
     assert not np.allclose(a[:-1], p_eval[:-1]) and not np.allclose(a[:-1], c[:-1])
 
 
-@needs_fixtures
 def test_unknown_element_gives_nan_only_for_its_structure():
     _, model, params, graphs = load_variant("scannplus")  # 10-row table: Z <= 9
     z = np.array(graphs.nodes["atomic_numbers"])

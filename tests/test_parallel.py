@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -133,8 +133,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Starts every configuration at once (they share the CPU) and waits for all of them."""
-    if not FIXTURES.exists():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
     tmp = tmp_path_factory.mktemp("parallel")
     port = _free_port()
     procs = [_run_worker(tmp, "one", 1), _run_worker(tmp, "four", 4)]

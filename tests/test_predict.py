@@ -150,7 +150,7 @@ def test_worker_pool_featurisation_equals_in_process(predictor, monkeypatch):
         np.testing.assert_array_equal(b.ga_scores, a.ga_scores)
 
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 
 
 def forward_fixture_molecules(count: int) -> tuple[list[Atoms], Any]:
@@ -167,7 +167,6 @@ def forward_fixture_molecules(count: int) -> tuple[list[Atoms], Any]:
     return mols, forward
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
 def test_original_weights_reproduce_the_original_forward_pass():
     """Benzene and formamide from neighbours.npz through from_original (original-mode neighbours)
     give the original's predictions and GA scores (forward_scannplus_seed0.npz)."""
@@ -181,7 +180,6 @@ def test_original_weights_reproduce_the_original_forward_pass():
         assert q.value == pytest.approx(3.0 * p.value + 2.0, abs=1e-5)
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
 def test_command_line_predicts_with_original_weights(tmp_path, capsys):
     """``main.py predict --original-weights W --target-mean M --target-std S FILE`` gives the
     original's prediction (scaled) and GA scores for benzene from the fixtures."""

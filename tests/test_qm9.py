@@ -11,8 +11,7 @@ from scannet_jax import graphs
 from scannet_jax.datasets import featurize, qm9
 from scannet_jax.graphs import GraphStore
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,6 @@ def test_split_of_a_slice_is_80_10_10():
     assert {k: len(v) for k, v in splits.items()} == {"train": 160, "validation": 20, "test": 20}
 
 
-@needs_fixtures
 def test_ring_flags_match_open_babel_fixture():
     nb = np.load(FIXTURES / "neighbours.npz")
     fwd = np.load(FIXTURES / "forward_scannplus_ring_seed0.npz")
@@ -82,7 +80,6 @@ def test_ring_flags_match_open_babel_fixture():
         np.testing.assert_array_equal(flags, fwd["input/ring_aromatic"][j, :b - a], err_msg=str(name))
 
 
-@needs_fixtures
 def test_ring_flags_on_heteroaromatics():
     nb = np.load(FIXTURES / "neighbours.npz")
     names = list(nb["names"])

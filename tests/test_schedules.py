@@ -8,14 +8,12 @@ import pytest
 
 from scannet_jax import schedules
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 
 
 @pytest.fixture(scope="module")
 def lr_fixture():
     path = FIXTURES / "lr_schedules.npz"
-    if not path.exists():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
     return np.load(path)
 
 

@@ -25,7 +25,6 @@ import test_parallel  # noqa: E402  (fixture store and tiny config)
 FIXTURES = test_parallel.FIXTURES
 REPO = test_parallel.REPO
 
-pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason=f"shared fixtures not found at {FIXTURES}")
 
 
 def fixture_datasets(nan_target_at: int | None = None):
@@ -340,10 +339,7 @@ def test_tiny_qm9_loss_falls(tmp_path):
     config.model.n_atoms = 10
     config.num_epochs = 3
     config.data.limit = 300
-    try:
-        results = train.train_and_evaluate(config, str(tmp_path))
-    except ModuleNotFoundError as err:
-        pytest.skip(f"QM9 data path not available: {err}")
+    results = train.train_and_evaluate(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "val_mae" in r]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
