@@ -151,15 +151,16 @@ def read_member(archive: str | Path, source: SourceSet, *, archive_sha256: str =
 
 
 def csv_rows(text: str) -> list[tuple[int, dict[str, str]]]:
-    """Parses a matminer CSV: ``#`` comment lines skipped; returns (1-based line, row dict).
+    """Parses a matminer CSV: ``#`` comment lines skipped; returns (first 1-based line, row dict).
 
     A header one field shorter than the data rows (the unnamed leading index of
     ``dielectric_constant.csv`` and ``piezoelectric_tensor.csv``) gets a leading ``row`` column.
     """
     csv.field_size_limit(1 << 30)
     reader = csv.reader(io.StringIO(text))
-    header, rows = None, []
+    header, rows, start = None, [], 1
     for record in reader:
+        line, start = start, reader.line_num + 1  # a quoted field may span several lines
         if header is None:
             if record and record[0].startswith("#"):
                 continue
@@ -168,8 +169,8 @@ def csv_rows(text: str) -> list[tuple[int, dict[str, str]]]:
         if len(record) == len(header) + 1:
             header = ["row"] + header
         if len(record) != len(header):
-            raise ValueError(f"line {reader.line_num}: {len(record)} fields, header has {len(header)}")
-        rows.append((reader.line_num, dict(zip(header, record))))
+            raise ValueError(f"line {line}: {len(record)} fields, header has {len(header)}")
+        rows.append((line, dict(zip(header, record))))
     return rows
 
 
@@ -213,8 +214,8 @@ def atoms_from_pymatgen_dict(text: str, where: str) -> ase.Atoms:
         species = [(sp["element"], float(sp["occu"])) for sp in s["species"]]
         numbers.append(_element(_check_occupancy(species, where, name), where, name))
         frac.append(s["abc"])
-    return ase.Atoms(numbers=numbers, scaled_positions=np.array(frac, np.float64).reshape(-1, 3),
-                     cell=matrix, pbc=True)
+    positions = np.array(frac, np.float64).reshape(-1, 3) @ matrix  # valid for a degenerate cell too
+    return ase.Atoms(numbers=numbers, positions=positions, cell=matrix, pbc=True)
 
 
 def _occupancy(value: object) -> float:
