@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import multiprocessing
 import os
 import time
 import warnings
@@ -173,7 +174,9 @@ def motif_graphs(structures: Sequence[ase.Atoms], *, names: Sequence[str] | None
     Args:
       structures: the crystals.
       names: per-structure names for the errors; default as in `motif_graph`.
-      num_workers: processes; default ``os.cpu_count()``; 1 runs in this process.
+      num_workers: processes; default ``os.cpu_count()``; 1 runs in this process. Workers are
+        spawned (safe when the caller runs JAX threads), so a calling script needs the usual
+        ``if __name__ == "__main__":`` guard.
       progress: show a tqdm progress bar (structures/s on its right).
 
     Returns:
@@ -193,7 +196,9 @@ def motif_graphs(structures: Sequence[ase.Atoms], *, names: Sequence[str] | None
             bar.update()
     else:
         results = [None] * len(structures)
-        with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
+        # Spawned, not forked: forking a process that runs JAX threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
             futures = {pool.submit(_motif_graph_or_error, atoms, name): i
                        for i, (atoms, name) in enumerate(zip(structures, names))}
             for future in concurrent.futures.as_completed(futures):
