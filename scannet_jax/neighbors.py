@@ -6,7 +6,9 @@ Two definitions (`mode`):
   (pbc all False) is tessellated as a finite point set: no periodic images, every facet
   between two atoms is kept, and the solid angle of an unbounded facet is computed exactly
   (it is finite). A crystal (pbc all True) uses the Voronoi cell of the infinite periodic
-  structure, built from every image that can bound a cell (see `_crystal_points`).
+  structure, built from every image that can bound a cell (see `_crystal_points`). Each cell's
+  solid angles are the normal-cone solid angles of one convex hull, that of the cell's polar
+  dual (`_cone_solid_angles`), so degenerate (symmetric) input needs no topological decision.
 * ``"original"`` (§1.1): the original's pymatgen `VoronoiNN` procedure, bugs included
   (float32 cast, 10 Å box for molecules, cutoff sphere of 7 Å with its retries, unbounded facets
   dropped). Kept to reproduce `shared/fixtures/neighbours*.npz` and models trained on them.
@@ -20,22 +22,23 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.spatial import Voronoi
+from scipy.spatial import ConvexHull, Voronoi
 
-NEIGHBORS_VERSION = 3  # 1: first exact mode (10d2cc2); 2: missed facets beyond the ghost points
+NEIGHBORS_VERSION = 4  # 1: first exact mode (10d2cc2); 2: missed facets beyond the ghost points;
+# 3: ghosts + check at infinity + clipping (wrong on symmetric molecules); 4: one dual hull per cell
 MODES = ("exact", "original")
 MAX_ATOMIC_NUMBER = 94
 MIN_DISTANCE = 0.1  # Å; closer atoms are rejected
-# Ghost points that bound a molecule's cells sit this many molecule radii from its centroid. Only
-# their combinatorics is used (see `_facet_solid_angles`): every Voronoi feature within about
-# (GHOST_RADIUS - 1) / 2 radii of the centroid is exact; a cell with a feature beyond that fails
-# the check at infinity and is recomputed against every atom (`_clipped_facets`). Larger values
-# lose qhull precision (the lifted coordinates grow as its square).
-GHOST_RADIUS = 1.0e3
-# A ray, line or plane at infinity counts as uncut by an atom when the cosine between its direction
-# and the atom's offset is at most this; an ignored cut of cosine ε changes Ω by O(ε) sr.
-_INFINITY_TOLERANCE = 1e-9
-_CUBE_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float) / np.sqrt(3)
+# Exact mode. A facet with Ω below ZERO_FACET is not a facet (the zero-area rule: facets that
+# degenerate to a point or a segment come out at rounding level, ~1e-15 sr, in any orientation).
+ZERO_FACET = 1e-9  # sr
+# A value within TIE_TOLERANCE of a threshold (Ω = w_t, ρ = ρ_t, d = d_t) counts as on it and is
+# kept, so that rounding in a rotated copy cannot move a symmetric structure's edge across it.
+TIE_TOLERANCE = 1e-9  # sr for Ω, 1 for ρ, Å for d
+# A molecule is planar (linear) when its third (second) singular value is below _FLAT times the
+# first; it is then handled in its plane (on its line). Ω moves by O(_FLAT) sr across the switch.
+_FLAT = 1e-10
+_CHECK_TOLERANCE = 1e-9  # sr, the per-cell 4π check (`_check_cells`)
 
 
 class Neighbors(NamedTuple):
@@ -92,15 +95,17 @@ def voronoi_neighbors(
 
     Returns:
       `Neighbors`, sorted by receiver, then sender, then shift. Exact mode: molecules have no
-      image edges (shifts 0) and Ω is exact to rounding (checked to 3e-10 sr; a nearly collinear
-      triple within 1e-9 rad of straight may leave a sliver of O(1e-9) sr; docs/neighbors.md);
-      crystals are exact. Original mode:
-      distances use the float32-rounded positions, and for a molecule `shifts` refer to the
-      original's box diag(max(10, extent + 0.1)) Å, not to `atoms.cell`.
+      image edges (shifts 0); Ω is a continuous function of the positions computed to rounding
+      (~1e-14 sr), the same in every orientation, origin and atom order; facets below
+      ZERO_FACET sr are not facets, and values within TIE_TOLERANCE of a threshold are kept
+      (docs/neighbors.md). Original mode: distances use the float32-rounded positions, and for a
+      molecule `shifts` refer to the original's box diag(max(10, extent + 0.1)) Å, not to
+      `atoms.cell`.
 
     Raises:
       ValueError: empty structure, non-finite position, Z outside 1..94, two atoms closer than
-        0.1 Å, mixed pbc, singular cell, unknown mode.
+        0.1 Å, mixed pbc, singular cell, unknown mode; exact mode, a cell that fails its 4π check
+        (names the formula and the atom; not seen on any input so far).
     """
     return neighbors_from_arrays(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc,
                                  cutoff=cutoff, min_solid_angle=min_solid_angle,
@@ -129,10 +134,10 @@ def neighbors_from_arrays(
     """
     numbers, positions, cell, periodic = _validate(numbers, positions, cell, pbc, mode)
     if mode == "exact":
-        ridges = _exact_crystal(positions, cell) if periodic else _exact_molecule(positions)
-        return _select(ridges, positions, cell, cutoff, min_solid_angle, min_relative_weight)
+        ridges = _exact_crystal(numbers, positions, cell) if periodic else _exact_molecule(numbers, positions)
+        return _select(ridges, positions, cell, cutoff, min_solid_angle, min_relative_weight, TIE_TOLERANCE)
     positions, cell, ridges = _original_facets(positions, cell, periodic)
-    return _select(ridges, positions, cell, cutoff, min_solid_angle, min_relative_weight)
+    return _select(ridges, positions, cell, cutoff, min_solid_angle, min_relative_weight, 0.0)
 
 
 class Facets(NamedTuple):
@@ -212,152 +217,138 @@ def _check_close_images(positions: np.ndarray, cell: np.ndarray) -> None:
                          f"(< {MIN_DISTANCE} Å)")
 
 
-def _exact_molecule(positions: np.ndarray) -> Facets:
-    """Facets of the Voronoi diagram of the atoms alone (no images).
+def _exact_molecule(numbers: np.ndarray, positions: np.ndarray) -> Facets:
+    """Facets of the Voronoi diagram of the atoms alone (no images), from one dual hull per atom.
 
-    Eight ghost points far away (GHOST_RADIUS molecule radii) make the point set 3-D and every
-    atom's cell bounded; the ghosts enter only through the combinatorics of the facet boundaries,
-    the solid angles are those of the unbounded facets (`_facet_solid_angles`). A cell whose rays,
-    lines or planes at infinity some atom cuts (a feature beyond the ghosts) is recomputed with
-    every atom as a constraint (`_clipped_facets`), as are the cells sharing the failed part.
+    A molecule that is planar or linear to `_FLAT` (relative singular values of its centred
+    coordinates) is handled in its plane or on its line; the frame only fixes that subspace, the
+    construction is the same in every orientation (`_cone_solid_angles`). Each cell is checked
+    against the molecule's own convex hull (`_check_cells`).
     """
     n = len(positions)
-    empty = np.zeros(0, np.int64)
     if n == 1:
-        return Facets(empty, empty, np.zeros((0, 3), np.int64), np.zeros(0))
-    center = positions.mean(axis=0)
-    radius = np.linalg.norm(positions - center, axis=1).max() + 1.0
-    # The cube of ghosts is aligned with the principal axes (its corner set is unchanged by any
-    # signed permutation of them), so the construction turns and moves with the molecule.
-    axes = np.linalg.eigh((positions - center).T @ (positions - center))[1]
-    ghosts = center + GHOST_RADIUS * radius * _CUBE_CORNERS @ axes.T
-    points = np.concatenate([positions, ghosts])
-    facets, suspect = _tessellate(points, n, ghost_start=n, shifts=np.zeros((len(points), 3), np.int64),
-                                  atom_of=np.arange(len(points)))
-    if not suspect.any():
-        return facets
-    keep = ~suspect[facets.centers]
-    exact = _clipped_facets(positions, np.flatnonzero(suspect))
-    return Facets(*(np.concatenate([part[keep], again]) for part, again in zip(facets, exact)))
+        return _no_facets()
+    rel = positions - positions.mean(axis=0)
+    _, sigma, axes = np.linalg.svd(rel, full_matrices=False)
+    dim = int((sigma > _FLAT * sigma[0]).sum())
+    coords = rel if dim == 3 else rel @ axes[:dim].T  # [N, dim]
+    offset = coords[None, :, :] - coords[:, None, :]  # [N, N, dim], r_k - r_i
+    square = np.einsum("ikd,ikd->ik", offset, offset)
+    np.fill_diagonal(square, 1.0)
+    dual = 2 * offset / square[..., None]  # dual[i, i] = 0: the centre is the origin of its polytope
+    omega = _cone_solid_angles(dual.reshape(n * n, dim), np.arange(0, n * n + 1, n)).reshape(n, n)
+    at_infinity = _cone_solid_angles(coords, np.array([0, n]))  # the recession cone of every cell
+    _check_cells(numbers, omega.sum(axis=1) - omega.diagonal(), omega.diagonal(), at_infinity)
+    i, j = np.nonzero(omega >= ZERO_FACET)
+    off = i != j
+    i, j = i[off], j[off]
+    return Facets(i.astype(np.int64), j.astype(np.int64), np.zeros((len(i), 3), np.int64), omega[i, j])
 
 
-def _clipped_facets(positions: np.ndarray, centers: np.ndarray) -> Facets:
-    """Every facet of the given atoms' cells with every other atom as a constraint (no ghosts).
+def _exact_crystal(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> Facets:
+    """Facets of the cells of the periodic structure (see `_crystal_points` for exactness)."""
+    points, atom_of, shifts, reach = _crystal_points(positions, cell)
+    groups, members = [], []
+    for i in range(len(positions)):
+        offset = points - positions[i]
+        square = _dot(offset, offset)
+        near = np.flatnonzero(square <= reach**2)  # i itself (offset 0) included: the origin
+        square[i] = 1.0
+        groups.append(2 * offset[near] / square[near, None])
+        members.append(near)
+    sizes = np.array([len(m) for m in members])
+    omega = _cone_solid_angles(np.concatenate(groups), np.concatenate([[0], np.cumsum(sizes)]))
+    member = np.concatenate(members)
+    center = np.repeat(np.arange(len(positions)), sizes)
+    itself = member == center
+    _check_cells(numbers, np.bincount(center[~itself], omega[~itself], len(positions)), omega[itself],
+                 np.zeros(len(positions)))
+    keep = ~itself & (omega >= ZERO_FACET)
+    return Facets(center[keep].astype(np.int64), atom_of[member[keep]].astype(np.int64),
+                  shifts[member[keep]].astype(np.int64), omega[keep])
 
-    Seen from i, the facet shared with j is the polyhedral cone of directions d with d·n̂_j >= 0
-    and d·m_k <= 0 for every k ∉ {i, j}, m_k = h_j n̂_k - h_k n̂_j (n̂_k unit vector towards r_k,
-    h_k half the distance). On the unit sphere that is the hemisphere about n̂_j (a square of
-    horizon arcs) clipped by one great circle per atom (Sutherland-Hodgman, all facets at once,
-    nearest atoms first so that non-neighbours vanish early). An arc between two horizon points is
-    on the horizon; when a cut enters and leaves through horizon arcs, the cut's great circle
-    through its top point closes the polygon. Each vertex is computed from the normals of its two
-    great circles (not interpolated along the clipped edge, which accumulates rounding). Ω is the
-    fan of signed triangles from n̂_j.
-    Exact to rounding, O(N²) per centre: used only for cells the ghost construction cannot
-    certify.
+
+def _no_facets() -> Facets:
+    empty = np.zeros(0, np.int64)
+    return Facets(empty, empty, np.zeros((0, 3), np.int64), np.zeros(0))
+
+
+def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Solid angle of the outer normal cone at every point of the convex hull of each group.
+
+    For group g (points[bounds[g]:bounds[g + 1]], in R^dim, dim = 1, 2 or 3 spanning R^3's first
+    dim axes), the normal cone at a point v of its hull P is {d ∈ R^3 : d·v >= d·w for all w in
+    P}; it is a proper cone only at vertices, and the cones of all vertices tile the sphere (their
+    solid angles sum to 4π). In 3-D the solid angle is the angular defect 2π - Σ (face angles at
+    v) over the hull's triangles (qhull, triangulated output "Qt"): a point in the interior of a
+    face or an edge, or on a facet qhull merged, gets 2π - 2π = 0 (to rounding) whatever the
+    triangulation; in 2-D it is the lune 2·(π - interior angle); in 1-D each end of the segment gets
+    a hemisphere, 2π; a single point, 4π. Every angle is an atan2 of a cross and a dot product of
+    input points, so Ω is a continuous function of the points (no topological decision).
 
     Args:
-      positions: [N, 3] atoms, Å; centers: [C] atom indices.
+      points: [P, dim] coordinates; bounds: [G + 1] group offsets into points.
 
     Returns:
-      the facets of those centres with Ω > 0.
+      [P] solid angles in sr (0 at points that are not hull vertices).
     """
-    n = len(positions)
-    ci = np.repeat(centers, n - 1)
-    cj = np.concatenate([np.delete(np.arange(n), c) for c in centers])
-    offset = positions[None] - positions[centers][:, None]  # [C, N, 3]
-    dist = np.linalg.norm(offset, axis=-1)
-    row_of_center = np.repeat(np.arange(len(centers)), n - 1)
-    nearest = np.argsort(dist, axis=1, kind="stable")[:, 1:]  # [C, N - 1] the centre itself is first
-    k_all = nearest[row_of_center]
-    k_all = k_all[k_all != cj[:, None]].reshape(len(ci), n - 2)  # constraint atoms, nearest first
-    u_j = offset[row_of_center, cj]
-    h_j = 0.5 * dist[row_of_center, cj]
-    pole = u_j / (2 * h_j[:, None])
-    e1 = _unit(_cross(pole, np.eye(3)[np.abs(pole).argmin(axis=1)]))
-    e2 = _cross(pole, e1)
-    poly = np.stack([e1, e2, -e1, -e2], axis=1)  # [B, L, 3] spherical polygon, counter-clockwise
-    circle = np.repeat(pole[:, None], 4, axis=1)  # [B, L, 3] normal of the great circle of edge t -> t + 1
-    horizon = np.ones(poly.shape[:2], bool)
-    size = np.full(len(ci), 4)
-    rows = np.arange(len(ci))  # facets still alive
-    for t in range(n - 2):
-        k = k_all[rows, t]
-        u_k = offset[row_of_center[rows], k]
-        h_k = 0.5 * dist[row_of_center[rows], k]
-        m = h_j[rows, None] * u_k / (2 * h_k[:, None]) - h_k[:, None] * pole[rows]
-        p = pole[rows]
-        # Within _INFINITY_TOLERANCE of parallel (a nearly collinear triple) the cut is a sliver of
-        # at most 2e-9 sr whose crossings rounding cannot place; it is taken as parallel.
-        parallel = np.linalg.norm(_cross(m, p), axis=1) <= _INFINITY_TOLERANCE * np.linalg.norm(m, axis=1)
-        m = _unit(m)
-        width = poly.shape[1]
-        valid = np.arange(width) < size[:, None]
-        s = np.einsum("blk,bk->bl", poly, m)
-        skip = parallel & (_dot(m, p) <= 0)  # a parallel constraint behind the facet's plane
-        if not (parallel & ~skip).any() and not ((s > 0) & valid & ~parallel[:, None]).any():
-            continue  # this atom cuts no facet (the usual case for far atoms)
-        inside = (s <= 0) & valid
-        nxt = (np.arange(width)[None] + 1) % size[:, None]
-        poly_n = np.take_along_axis(poly, nxt[..., None], axis=1)
-        horizon_n = np.take_along_axis(horizon, nxt, axis=1)
-        cross = valid & (inside != np.take_along_axis(inside, nxt, axis=1))
-        with np.errstate(invalid="ignore"):  # slots of rows that are skipped or not kept may be 0/0
-            # The crossing from the two circles' normals (not interpolated): no rounding accumulates.
-            point = _unit(_cross(circle.reshape(-1, 3), np.repeat(m, width, axis=0))).reshape(poly.shape)
-            point *= np.sign(np.einsum("blk,blk->bl", point, poly + poly_n))[..., None]
-            top = _unit(p - _dot(p, m)[:, None] * m)
-        on_horizon = horizon & horizon_n
-        both = (cross.sum(axis=1) == 2) & ((cross & on_horizon).sum(axis=1) == 2)
-        slots = np.stack([poly, np.where(cross[..., None], point, poly),
-                          np.broadcast_to(top[:, None], poly.shape)], axis=2).reshape(len(rows), -1, 3)
-        flags = np.stack([horizon, on_horizon, np.zeros_like(horizon)], axis=2).reshape(len(rows), -1)
-        cut = np.broadcast_to(m[:, None], poly.shape)
-        circles = np.stack([circle, np.where((cross & inside)[..., None], cut, circle), cut],
-                           axis=2).reshape(len(rows), -1, 3)
-        keep = np.stack([inside, cross, cross & inside & both[:, None]], axis=2).reshape(len(rows), -1)
-        new_size = keep.sum(axis=1)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : max(int(new_size.max()), 1)]
-        new_poly = np.take_along_axis(slots, order[..., None], axis=1)
-        new_flags = np.take_along_axis(flags, order, axis=1)
-        new_circle = np.take_along_axis(circles, order[..., None], axis=1)
-        empty = (parallel & ~skip) | (~skip & (new_size < 3))
-        width = max(new_poly.shape[1], poly.shape[1])
-        poly = np.where(skip[:, None, None], _pad(poly, width), _pad(new_poly, width))
-        horizon = np.where(skip[:, None], _pad(horizon, width), _pad(new_flags, width))
-        circle = np.where(skip[:, None, None], _pad(circle, width), _pad(new_circle, width))
-        size = np.where(skip, size, new_size)
-        alive = ~empty
-        rows, poly, horizon, circle, size = rows[alive], poly[alive], horizon[alive], circle[alive], size[alive]
-        if not len(rows):
-            break
-    omega = np.zeros(len(ci))
-    if len(rows):
-        width = poly.shape[1]
-        nxt = (np.arange(width)[None] + 1) % size[:, None]
-        poly_n = np.take_along_axis(poly, nxt[..., None], axis=1)
-        valid = np.arange(width)[None] < size[:, None]
-        pole_b = np.broadcast_to(pole[rows, None], poly.shape)
-        tri = _tri(pole_b.reshape(-1, 3), poly.reshape(-1, 3), poly_n.reshape(-1, 3)).reshape(valid.shape)
-        omega[rows] = np.where(valid, tri, 0.0).sum(axis=1)
-    keep = omega > 0
-    return Facets(ci[keep].astype(np.int64), cj[keep].astype(np.int64), np.zeros((int(keep.sum()), 3), np.int64),
-                  omega[keep])
+    omega = np.zeros(len(points))
+    dim = points.shape[1]
+    if dim == 3:
+        corners = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            corners.append(ConvexHull(points[start:stop], qhull_options="Qt").simplices + start)
+        tri = np.concatenate(corners)  # [T, 3]
+        angle = np.zeros(tri.shape)
+        for c in range(3):
+            origin = points[tri[:, c]]
+            u, v = points[tri[:, (c + 1) % 3]] - origin, points[tri[:, (c + 2) % 3]] - origin
+            angle[:, c] = np.arctan2(np.linalg.norm(_cross(u, v), axis=1), _dot(u, v))
+        vertex = np.zeros(len(points), bool)
+        vertex[tri.ravel()] = True
+        total = np.bincount(tri.ravel(), angle.ravel(), len(points))
+        omega[vertex] = 2 * np.pi - total[vertex]
+        return omega
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        group = points[start:stop]
+        if stop - start == 1:
+            omega[start] = 4 * np.pi
+        elif dim == 1:
+            omega[start + group[:, 0].argmin()] = omega[start + group[:, 0].argmax()] = 2 * np.pi
+        else:
+            ring = ConvexHull(group).vertices  # counter-clockwise
+            edge = group[np.roll(ring, -1)] - group[ring]  # edge t runs from vertex t to t + 1
+            before = np.roll(edge, 1, axis=0)
+            turn = np.arctan2(before[:, 0] * edge[:, 1] - before[:, 1] * edge[:, 0], (before * edge).sum(axis=1))
+            omega[start + ring] = 2 * turn
+    return omega
 
 
-def _pad(a: np.ndarray, width: int) -> np.ndarray:
-    """`a` [B, L, ...] padded with zeros to [B, width, ...] along axis 1."""
-    pad = [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
-    return np.pad(a, pad)
+def _check_cells(numbers: np.ndarray, facets: np.ndarray, origin: np.ndarray, at_infinity: np.ndarray) -> None:
+    """The self-check of every cell: its facets and its cone at infinity tile the sphere.
+
+    Args:
+      numbers: [N] atomic numbers (to name the structure).
+      facets: [N] Σ_j Ω_ij over each cell's facets, sr.
+      origin: [N] the normal cone of the centre in its own dual polytope (the cell's recession
+        cone as the dual hull sees it), sr.
+      at_infinity: [N] the recession cone from the structure's own hull (0 for a crystal), sr.
+
+    Raises:
+      ValueError: naming the structure and the first atom whose cell fails.
+    """
+    error = np.maximum(np.abs(facets + at_infinity - 4 * np.pi), np.abs(origin - at_infinity))
+    bad = np.flatnonzero(~(error <= _CHECK_TOLERANCE))
+    if len(bad):
+        from ase.symbols import Symbols
+
+        i = bad[0]
+        raise ValueError(f"{Symbols(numbers).get_chemical_formula()} ({len(numbers)} atoms): the Voronoi cell of "
+                         f"atom {i} fails its 4π check (facets {facets[i]:.12g} sr + cone at infinity "
+                         f"{at_infinity[i]:.12g} sr; the dual hull's cone at infinity {origin[i]:.12g} sr)")
 
 
-def _exact_crystal(positions: np.ndarray, cell: np.ndarray) -> Facets:
-    """Facets of the cells of the periodic structure (see `_crystal_points` for exactness)."""
-    points, atom_of, shifts = _crystal_points(positions, cell)
-    return _tessellate(points, len(positions), ghost_start=len(points), shifts=shifts, atom_of=atom_of)[0]
-
-
-def _crystal_points(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _crystal_points(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Home atoms followed by every periodic image within D of some home atom.
 
     D is the longest body diagonal max|±a ± b ± c| of the Minkowski-reduced cell. Every point x
@@ -369,7 +360,7 @@ def _crystal_points(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray
 
     Returns:
       points [P, 3] (first N are the home atoms), atom_of [P] (site index), shifts [P, 3]
-      (lattice offsets in the given cell).
+      (lattice offsets in the given cell), and D (Å, with a rounding margin).
     """
     from ase.geometry import minkowski_reduce
 
@@ -390,53 +381,7 @@ def _crystal_points(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray
     keep[: len(positions)] = True
     atom_of = np.tile(np.arange(len(positions)), len(grid))[keep]
     shifts = np.repeat(grid @ op, len(positions), axis=0)[keep].astype(np.int64)
-    points = flat[keep]
-    return points, atom_of, shifts
-
-
-def _tessellate(points: np.ndarray, n_home: int, *, ghost_start: int, shifts: np.ndarray,
-                atom_of: np.ndarray) -> tuple[Facets, np.ndarray]:
-    """Voronoi diagram of `points`; facets of the home points' cells with exact solid angles.
-
-    Points [0, n_home) are home atoms, [n_home, ghost_start) periodic images (real points),
-    [ghost_start, P) ghosts (not atoms; only bound the cells).
-
-    Returns:
-      the facets, and [ghost_start] bool: real points whose cell failed the check of its parts at
-      infinity (`_facet_solid_angles`; always False without ghosts).
-    """
-    vor = Voronoi(points)
-    ridge_points = vor.ridge_points
-    real_ridge = (ridge_points < ghost_start).all(1) & (ridge_points < n_home).any(1)
-    sel = np.flatnonzero(real_ridge)
-    pairs = ridge_points[sel]
-    vertex_lists = [vor.ridge_vertices[r] for r in sel]
-    lengths = np.fromiter((len(v) for v in vertex_lists), np.int64, len(vertex_lists))
-    flat = np.fromiter((x for v in vertex_lists for x in v), np.int64, int(lengths.sum()))
-    if (flat < 0).any():
-        raise RuntimeError("internal error: a real facet is unbounded although ghost points enclose the atoms")
-    ghost_vertex = np.zeros(len(vor.vertices) + 1, bool)
-    if ghost_start < len(points):
-        for g in range(ghost_start, len(points)):
-            region = vor.regions[vor.point_region[g]]
-            ghost_vertex[region] = True
-        ghost_vertex[-1] = False
-    with np.errstate(invalid="ignore", divide="ignore"):  # rows left unused (e.g. parallel planes) may be NaN
-        omega, suspect = _facet_solid_angles(pairs, vor.vertices, flat, lengths, ghost_vertex[flat],
-                                             points[:ghost_start])
-    bad = np.flatnonzero(~np.isfinite(omega))
-    if len(bad):
-        i, j = atom_of[pairs[bad[0]]]
-        raise RuntimeError(f"solid angle of the facet between atoms {i} and {j} is not finite (degenerate geometry)")
-    # One directed facet per home end of each ridge.
-    a, b = pairs[:, 0], pairs[:, 1]
-    first = a < n_home
-    second = b < n_home
-    centers = np.concatenate([a[first], b[second]])
-    others = np.concatenate([b[first], a[second]])
-    shift = shifts[others] - shifts[centers]
-    return Facets(atom_of[centers].astype(np.int64), atom_of[others].astype(np.int64), shift,
-                  np.concatenate([omega[first], omega[second]])), suspect
+    return flat[keep], atom_of, shifts, reach
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -452,182 +397,6 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cross product of [K, 3] arrays (np.cross has a large per-call overhead)."""
     return np.stack([a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1], a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
                      a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]], axis=1)
-
-
-def _tri(pole: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Signed solid angle of the spherical triangle (pole, a, b) of unit vectors [K, 3].
-
-    Van Oosterom & Strackee: tan(Ω/2) = det[p a b] / (1 + p·a + a·b + b·p); the denominator is
-    positive here because a and b lie in the closed hemisphere about `pole`, less than π apart.
-    """
-    return 2 * np.arctan2(_dot(pole, _cross(a, b)), 1 + _dot(pole, a) + _dot(a, b) + _dot(b, pole))
-
-
-def _facet_solid_angles(pair_index: np.ndarray, vertices: np.ndarray, flat: np.ndarray, lengths: np.ndarray,
-                        ghost: np.ndarray, real_points: np.ndarray) -> np.ndarray:
-    """Exact solid angle of each facet of the diagram of the real points, seen from its centre.
-
-    Each facet comes as the cyclic vertex list of the ghost-bounded diagram. A vertex is a ghost
-    vertex if a ghost point is among its generators; an edge between two real vertices, or from a
-    real vertex to a ghost vertex, lies on the bisector line of a real third atom k, and so does a
-    ghost-ghost edge if both its ends lie on such a bisector (else it is a ghost line, i.e. the
-    facet's boundary at infinity; `_edge_atoms`). Ray directions and the foot point of a full
-    line are computed from the atoms (cross product, circumcentre), not from qhull's far vertices. The facet's true boundary is then:
-    segments, rays (real vertex -> direction of the ghost vertex), full lines, and arcs of the
-    horizon (the great circle parallel to the facet through the centre) in place of ghost edges.
-
-    The solid angle is the area of the spherical polygon these project to, summed as a fan of
-    signed triangles from the pole n̂ (unit vector from the centre to the facet plane): a segment
-    a→b gives tri(n̂, â, b̂); a ray from a to the direction u gives tri(n̂, â, u); a horizon arc
-    from u to w gives the signed angle between them about n̂ (the triangle (n̂, u, w) with u, w on
-    the horizon has that area). Horizon arcs are summed as signed increments between the
-    horizontal directions of consecutive ghost vertices, plus the tiny increments from a ray's
-    direction to its ghost vertex's direction; these telescope to the exact arc whatever the
-    ghost positions, so the result is exact as long as every true vertex is a real vertex here.
-    The sum is the signed area for the qhull orientation of the ridge; its absolute value is Ω.
-
-    The parts at infinity are then checked against every atom (real vertices are exact: qhull's
-    empty-sphere property holds for all atoms). A ray with outward direction u from a true vertex
-    is a true edge iff no atom k other than its three generators has (r_k - r_i)·u > 0; a whole
-    line iff none has (r_k - r_i)·u ≠ 0; a half-plane facet (one line, no ray) also needs its
-    inward in-plane normal ν to satisfy (r_k - r_i)·ν <= 0, and a whole-plane facet needs every
-    r_k - r_i normal to the plane (all to a relative tolerance `_INFINITY_TOLERANCE`). If every
-    unbounded edge of a facet is a true edge, the facet's boundary chain is the true one and the
-    facet is exact; a facet the ghosts left incomplete always has a ray, line or plane that fails
-    (a true feature beyond the ghosts cuts it). Cells with a failed check are flagged.
-
-    Args:
-      pair_index: [F, 2] indices into real_points of each facet's two generators (centre first).
-      vertices: [V, 3] Voronoi vertices.
-      flat, lengths: facet vertex indices concatenated (cyclic order), and counts [F].
-      ghost: [sum(lengths)] whether each listed vertex is a ghost vertex.
-      real_points: [P, 3] the real generators (to classify ghost-ghost edges).
-
-    Returns:
-      [F] Ω in sr, and [P] bool: points whose cell failed the check.
-    """
-    f = len(lengths)
-    center, other = real_points[pair_index[:, 0]], real_points[pair_index[:, 1]]
-    owner = np.repeat(np.arange(f), lengths)
-    start = np.cumsum(lengths) - lengths
-    nxt = np.arange(len(flat)) + 1
-    nxt[start + lengths - 1] = start
-    c = center[owner]
-    n = _unit(other - center)[owner]  # the pole
-    p = vertices[flat] - c  # vertex relative to the centre; edge t runs from vertex t to vertex nxt[t]
-    q = p[nxt]
-    ga = ghost
-    gb = ga[nxt]
-    contrib = np.zeros(len(flat))
-    segment = ~ga & ~gb
-    contrib[segment] = _tri(n[segment], _unit(p[segment]), _unit(q[segment]))
-    rows = np.flatnonzero(~segment)
-    n, p, q, ga, gb, c, facet = n[rows], p[rows], q[rows], ga[rows], gb[rows], c[rows], owner[rows]
-    rel = real_points[None] - c[:, None]  # [K, P, 3] every point relative to the centre
-    norm = np.linalg.norm(rel, axis=-1)
-    norm[norm == 0] = np.inf
-    # The atom k whose bisector with the centre carries each remaining edge.
-    k, on_line = _edge_atoms(p, q, rel, norm, pair_index[facet])
-    normal = real_points[k] - c
-    # Every edge contributes tri(A, X) + tri(X, M) + tri(M, Y) + tri(Y, B) (points on the unit
-    # sphere): X, Y where the edge starts and ends (a real vertex, or the ray's direction at
-    # infinity), M the foot of a full line (else M = X), A, B the horizontal directions of ghost
-    # end vertices (else A = X, B = Y), so that consecutive edges' horizon pieces telescope.
-    u = _unit(_cross(n, normal))
-    u *= np.sign(_dot(u, q - p))[:, None]  # along the edge
-    hp, hq = _horizontal(p, n), _horizontal(q, n)
-    x = np.where(ga[:, None], -u, _unit(p))
-    y = np.where(gb[:, None], u, _unit(q))
-    m = x.copy()
-    # A ghost-ghost piece of a real line is the whole line only if it passes the line's point
-    # closest to the centre; otherwise it lies beyond the ghosts' reach and counts as horizon.
-    gg = np.flatnonzero(ga & gb & on_line)
-    foot = _circumcenter_offset((other - center)[facet[gg]], normal[gg])
-    through = _dot(foot - p[gg], u[gg]) * _dot(foot - q[gg], u[gg]) <= 0
-    m[gg[through]] = _unit(foot[through])
-    horizon = ga & gb
-    horizon[gg[through]] = False
-    x[horizon], m[horizon], y[horizon] = hp[horizon], hp[horizon], hq[horizon]
-    a = np.where(ga[:, None], hp, x)
-    b = np.where(gb[:, None], hq, y)
-    contrib[rows] = _tri(n, a, x) + _tri(n, x, m) + _tri(n, m, y) + _tri(n, y, b)
-    omega = np.abs(np.bincount(owner, contrib, minlength=f))
-
-    # Check of the parts at infinity (docstring): cosine of every other atom with each direction.
-    along = np.einsum("kpi,ki->kp", rel, u) / norm
-    generators = np.concatenate([pair_index[facet], k[:, None]], axis=1)
-    along[np.arange(len(rows))[:, None], generators] = 0.0
-    ray = ga != gb
-    line = np.zeros(len(rows), bool)
-    line[gg[through]] = True
-    outward = np.where(gb, 1.0, -1.0)[:, None]  # a ray's direction to infinity is u (-u if it comes in)
-    bad = ray & (~on_line | ((outward * along).max(axis=1) > _INFINITY_TOLERANCE))
-    bad |= line & (np.abs(along).max(axis=1) > _INFINITY_TOLERANCE)
-    far_line = ga & gb & on_line & ~line  # a real line the ghosts cut off: not checked, recomputed
-
-    def count(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(facet[mask], minlength=f)
-
-    rays, lines = count(ray), count(line)
-    unbounded = count(np.ones(len(rows), bool)) > 0
-    failed = (count(bad) > 0) | (count(far_line) > 0) | ((rays > 0) & (lines > 0)) | (lines > 2)
-    half = np.flatnonzero(line & (rays[facet] == 0) & (lines[facet] == 1))
-    if len(half):
-        inward = _unit(_cross(n[half], u[half]))
-        inward *= -np.sign(_dot(inward, normal[half]))[:, None]
-        cosine = np.einsum("kpi,ki->kp", rel[half], inward) / norm[half]
-        cosine[np.arange(len(half))[:, None], pair_index[facet[half]]] = 0.0
-        failed[facet[half]] |= cosine.max(axis=1) > _INFINITY_TOLERANCE
-    plane = np.flatnonzero(unbounded & (rays == 0) & (lines == 0))
-    if len(plane):
-        rel_plane = real_points[None] - center[plane, None]  # [Q, P, 3]
-        pole = _unit(other - center)[plane]
-        in_plane = rel_plane - np.einsum("qpi,qi->qp", rel_plane, pole)[..., None] * pole[:, None]
-        sine = np.linalg.norm(in_plane, axis=-1) / np.maximum(np.linalg.norm(rel_plane, axis=-1), 1e-300)
-        sine[np.arange(len(plane))[:, None], pair_index[plane]] = 0.0
-        failed[plane] |= sine.max(axis=1) > _INFINITY_TOLERANCE
-    suspect = np.zeros(len(real_points), bool)
-    suspect[pair_index[failed].ravel()] = True
-    suspect[k[bad]] = True
-    return omega, suspect
-
-
-def _horizontal(v: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Unit direction of v [K, 3] projected on the plane normal to n [K, 3] (the horizon)."""
-    return _unit(v - _dot(v, n)[:, None] * n)
-
-
-def _circumcenter_offset(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Circumcentre of the triangle (0, a, b), rows of [K, 3]."""
-    axb = _cross(a, b)
-    num = _dot(a, a)[:, None] * _cross(b, axb) + _dot(b, b)[:, None] * _cross(axb, a)
-    return num / (2 * _dot(axb, axb))[:, None]
-
-
-def _edge_atoms(a: np.ndarray, b: np.ndarray, rel: np.ndarray, norm: np.ndarray, pair: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The real atom k whose bisector with the centre carries each edge, and whether it really does.
-
-    Args:
-      a, b: [K, 3] the edge's end points relative to the centre.
-      rel: [K, P, 3] every real generator relative to the centre; norm: [K, P] its length (inf
-        for the centre itself).
-      pair: [K, 2] point indices of the facet's two generators (excluded).
-
-    Returns:
-      k [K] (index into real_points) minimising the ends' distances to the bisector plane of
-      (centre, k), and whether both distances are within qhull's precision (1e-7 of the vertex's
-      distance from the centre), i.e. whether the edge lies on that plane.
-    """
-    half = 0.5 * norm
-    dist_a = np.abs(np.einsum("kpi,ki->kp", rel, a) / norm - half)
-    dist_b = np.abs(np.einsum("kpi,ki->kp", rel, b) / norm - half)
-    score = dist_a / np.linalg.norm(a, axis=1)[:, None] + dist_b / np.linalg.norm(b, axis=1)[:, None]
-    rows = np.arange(len(a))
-    score[rows, pair[:, 0]] = np.inf
-    score[rows, pair[:, 1]] = np.inf
-    k = score.argmin(axis=1)
-    return k, score[rows, k] <= 1e-7
 
 
 # --- original mode (scann-reference.md §1.1) -------------------------------------------------
@@ -842,7 +611,9 @@ def _dual_cells(points: np.ndarray, centers: list[int], spheres: list[np.ndarray
     Each hull triangle w · y = b with b > 0 is the cell vertex w / b; triangles at the origin are
     the cell's directions to infinity, so a facet k touching one is unbounded (the original drops
     it). A facet's vertices are ordered by angle in its plane; coplanar hull triangles give
-    coincident vertices, merged as qhull's Voronoi merges them. Ω: pymatgen's fan formula.
+    coincident vertices, merged as qhull's Voronoi merges them (to 1e-9 of the cell's largest
+    vertex coordinate, per cell: a cell's facets do not depend on the other centres of the call).
+    Ω: pymatgen's fan formula.
 
     Args:
       points: [P, 3]; centers: C indices into points; spheres: per centre the indices of the other
@@ -853,8 +624,6 @@ def _dual_cells(points: np.ndarray, centers: list[int], spheres: list[np.ndarray
       bounded facet (the original's "no Voronoi neighbours"); False when qhull fails on the dual
       or the sphere has fewer than 6 points (then pymatgen's own path decides).
     """
-    from scipy.spatial import ConvexHull
-
     result: list = [False] * len(centers)
     corners, vertices, normals, owners = [], [], [], []
     for c, (center, sphere) in enumerate(zip(centers, spheres)):
@@ -895,11 +664,14 @@ def _dual_cells(points: np.ndarray, centers: list[int], spheres: list[np.ndarray
     rel = vertex - centroid
     order = np.lexsort((np.arctan2(_dot(rel, _cross(n_hat, e1)), _dot(rel, e1)), key))
     key, corner, vertex, owner = key[order], corner[order], vertex[order], owner[order]
-    # merge coincident vertices, including across each cycle's wrap-around
-    tol = 1e-9 * np.abs(vertex).max()
-    same = np.r_[False, (key[1:] == key[:-1]) & (np.abs(vertex[1:] - vertex[:-1]).max(axis=1) <= tol)]
+    # merge coincident vertices, including across each cycle's wrap-around, with a tolerance of
+    # 1e-9 of the cell's own largest vertex coordinate (so no other centre of the call affects it)
+    scale = np.zeros(len(centers))
+    np.maximum.at(scale, owner, np.abs(vertex).max(axis=1))
+    tol = 1e-9 * scale[owner]
+    same = np.r_[False, (key[1:] == key[:-1]) & (np.abs(vertex[1:] - vertex[:-1]).max(axis=1) <= tol[1:])]
     last = first + counts - 1
-    same[last[(counts > 1) & (np.abs(vertex[last] - vertex[first]).max(axis=1) <= tol)]] = True
+    same[last[(counts > 1) & (np.abs(vertex[last] - vertex[first]).max(axis=1) <= tol[last])]] = True
     key, corner, vertex, owner = key[~same], corner[~same], vertex[~same], owner[~same]
     _, first, counts = np.unique(key, return_index=True, return_counts=True)
     big = counts >= 3
@@ -944,15 +716,19 @@ def _fan_solid_angles(vertices: np.ndarray, vertex_lists: list[list[int]], cente
 
 
 def _select(facets: Facets, positions: np.ndarray, cell: np.ndarray, cutoff: float, min_solid_angle: float,
-            min_relative_weight: float) -> Neighbors:
-    """Relative weights over each centre's facets, the three thresholds, and the edge order."""
+            min_relative_weight: float, tie: float) -> Neighbors:
+    """Relative weights over each centre's facets, the three thresholds, and the edge order.
+
+    A value within `tie` of a threshold counts as on it and is kept (exact mode: TIE_TOLERANCE;
+    original mode: 0, plain comparisons as in the original).
+    """
     n = len(positions)
     centers, others, shifts, omega = facets
     best = np.zeros(n)
     np.maximum.at(best, centers, omega)
     rho = omega / np.where(best[centers] > 0, best[centers], 1.0)
     dist = np.linalg.norm(positions[others] + shifts @ cell - positions[centers], axis=1)
-    keep = (omega >= min_solid_angle) & (rho >= min_relative_weight) & (dist <= cutoff)
+    keep = (omega >= min_solid_angle - tie) & (rho >= min_relative_weight - tie) & (dist <= cutoff + tie)
     order = np.lexsort((shifts[keep, 2], shifts[keep, 1], shifts[keep, 0], others[keep], centers[keep]))
     idx = np.flatnonzero(keep)[order]
     return Neighbors(centers[idx].astype(np.int64), others[idx].astype(np.int64), dist[idx], omega[idx], rho[idx],

@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from scannet_jax import neighbors
 from scannet_jax.neighbors import FeaturizerSettings, Neighbors, neighbors_from_arrays, voronoi_neighbors
+from test_neighbors_symmetric import enumerated_solid_angle
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 NEIGHBOUR_FILES = ("neighbours.npz", "neighbours_extra.npz")
@@ -263,57 +264,6 @@ def test_atoms_and_arrays_agree():
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert a.receivers.dtype == np.int64 and a.shifts.shape == (len(a.receivers), 3)
-
-
-def enumerated_solid_angle(x: np.ndarray, i: int, j: int) -> float:
-    """Ω_ij by vertex enumeration, independent of the module's ghosts and clipping.
-
-    In the bisector plane (origin at the midpoint, height h above r_i) the facet is
-    {y : a_k · y <= b_k for all k ∉ {i, j}}. Its boundary points (feasible crossings of two lines,
-    feet of the lines) and directions to infinity (feasible ±line directions, inward normals) map
-    to unit vectors (y, h) and (d, 0); sorted by angle about their mean they are the spherical
-    polygon, whose area is a fan of Van Oosterom-Strackee triangles.
-    """
-    w = x - x[i]
-    h = np.linalg.norm(w[j]) / 2
-    n = w[j] / (2 * h)
-    e1 = np.cross(n, np.eye(3)[np.abs(n).argmin()])
-    e1 /= np.linalg.norm(e1)
-    basis = np.stack([e1, np.cross(n, e1), n])
-    others = [k for k in range(len(x)) if k not in (i, j)]
-    a = np.array([[w[k] @ basis[0], w[k] @ basis[1]] for k in others]).reshape(-1, 2)
-    b = np.array([w[k] @ w[k] / 2 - h * (w[k] @ n) for k in others])
-    flat = np.linalg.norm(a, axis=1) < 1e-12 * np.linalg.norm(w[others], axis=1) if others else []
-    if np.any(b[flat] < 0):
-        return 0.0
-    a, b = a[~np.asarray(flat, bool)], b[~np.asarray(flat, bool)]
-    if len(a) == 0:
-        return 2 * np.pi
-    scale = np.linalg.norm(a, axis=1)
-    points = [bk * ak / (ak @ ak) for ak, bk in zip(a, b)]
-    for k in range(len(a)):
-        for m in range(k + 1, len(a)):
-            det = a[k, 0] * a[m, 1] - a[k, 1] * a[m, 0]
-            if abs(det) > 1e-13 * scale[k] * scale[m]:
-                points.append(np.linalg.solve(a[[k, m]], b[[k, m]]))
-    points = [y for y in points if np.all(a @ y <= b + 1e-9 * (scale * np.linalg.norm(y) + np.abs(b)))]
-    directions = [d / np.linalg.norm(d) for ak in a for d in (np.array([-ak[1], ak[0]]), -np.array([-ak[1], ak[0]]), -ak)]
-    directions = [d for d in directions if np.all(a @ d <= 1e-12 * scale)]
-    if not points:
-        return 0.0
-    sphere = [np.array([*y, h]) / np.hypot(np.linalg.norm(y), h) for y in points]
-    sphere += [np.array([*d, 0.0]) for d in directions]
-    sphere = np.array(sphere)
-    center = sphere.mean(axis=0)
-    center /= np.linalg.norm(center)
-    t1 = np.cross(center, np.eye(3)[np.abs(center).argmin()])
-    t1 /= np.linalg.norm(t1)
-    t2 = np.cross(center, t1)
-    sphere = sphere[np.argsort(np.arctan2(sphere @ t2, sphere @ t1))]
-    following = np.roll(sphere, -1, axis=0)
-    numerator = np.einsum("ki,ki->k", np.broadcast_to(center, sphere.shape), np.cross(sphere, following))
-    denominator = 1 + sphere @ center + np.einsum("ki,ki->k", sphere, following) + following @ center
-    return float(np.sum(2 * np.arctan2(numerator, denominator)))
 
 
 @pytest.mark.parametrize("name", ["qm9_014562_C#CC#CC#CC#C", "qm9_000050_N1C=CC=C1", "qm9_005343_C#CC1=NC=CC=N1",
