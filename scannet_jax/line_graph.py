@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jraph
 import numpy as np
 
+from scannet_jax.knn import KnnNeighbors
+
 
 class LineGraph(NamedTuple):
     """Triplets of one structure (T line-graph edges), sorted by receiver, then sender."""
@@ -56,48 +58,65 @@ def line_graph(senders: np.ndarray, receivers: np.ndarray, vectors: np.ndarray) 
     return LineGraph(senders=k1, receivers=k2, cosines=np.clip(cos, -1.0, 1.0))
 
 
-def line_graph_tuple(lg: LineGraph, num_bonds: int) -> jraph.GraphsTuple:
-    """One structure's line graph as a single-graph GraphsTuple.
+def alignn_graphs(numbers: np.ndarray, neighbors: KnnNeighbors) -> tuple[jraph.GraphsTuple, jraph.GraphsTuple]:
+    """One structure's inputs of `alignn.ALIGNN`: its atom graph and its line graph.
 
     Args:
-      lg: its triplets.
-      num_bonds: E, the number of edges of its atom graph (= line-graph nodes).
+      numbers: [N] atomic numbers Z (> 0).
+      neighbors: its bonds (`knn.knn_neighbors`).
 
     Returns:
-      GraphsTuple with nodes None, edges {"cosines": float32 [T]}, int32 senders/receivers [T]
-      (bond indices), n_node [E], n_edge [T], globals None.
+      (graph, line): `graph` has nodes {"atomic_numbers": int32 [N]}, edges {"vectors": float32
+      [E, 3] Å, "distances": float32 [E] Å}, int32 senders/receivers [E]; `line` has one node per
+      bond (nodes None, n_node [E]), edges {"cosines": float32 [T]}, int32 senders/receivers [T]
+      (bond indices). Both have one graph and globals None.
     """
-    return jraph.GraphsTuple(
+    numbers = np.asarray(numbers)
+    lg = line_graph(neighbors.senders, neighbors.receivers, neighbors.vectors)
+    num_bonds = len(neighbors.senders)
+    graph = jraph.GraphsTuple(
+        nodes={"atomic_numbers": numbers.astype(np.int32)},
+        edges={"vectors": np.asarray(neighbors.vectors, np.float32),
+               "distances": np.asarray(neighbors.distances, np.float32)},
+        senders=np.asarray(neighbors.senders, np.int32), receivers=np.asarray(neighbors.receivers, np.int32),
+        n_node=np.array([len(numbers)], np.int32), n_edge=np.array([num_bonds], np.int32), globals=None)
+    line = jraph.GraphsTuple(
         nodes=None, edges={"cosines": np.asarray(lg.cosines, np.float32)},
         senders=np.asarray(lg.senders, np.int32), receivers=np.asarray(lg.receivers, np.int32),
         n_node=np.array([num_bonds], np.int32), n_edge=np.array([len(lg.senders)], np.int32), globals=None)
+    return graph, line
 
 
-def pad_line_graphs(line_graphs: Sequence[jraph.GraphsTuple], *, n_bond: int, n_triplet: int,
-                    n_graph: int) -> jraph.GraphsTuple:
-    """Batches single-structure line graphs and pads them to match a padded atom-graph batch.
+def pad_alignn_batch(
+    pairs: Sequence[tuple[jraph.GraphsTuple, jraph.GraphsTuple]], *, n_node: int, n_edge: int, n_triplet: int,
+    n_graph: int,
+) -> tuple[jraph.GraphsTuple, jraph.GraphsTuple]:
+    """Batches `alignn_graphs` outputs and pads both graphs to fixed budgets (jraph layout).
 
-    If the atom graphs of the same structures, in the same order, are batched and padded with
-    `jraph.pad_with_graphs(graphs, n_node, n_edge=n_bond, n_graph)`, then line-graph node k is atom
-    graph edge k (padding included): the line graph's padding graph owns the atom graph's padding
-    edges and its padding triplets point at the first of them.
+    The atom graph is padded with `jraph.pad_with_graphs(n_node, n_edge, n_graph)`; the line graph
+    with `n_node = n_edge`, so line-graph node k is atom-graph edge k, padding included: the line
+    graph's padding graph owns exactly the atom graph's padding bonds, and padding triplets point at
+    the first of them.
 
     Args:
-      line_graphs: `line_graph_tuple` outputs.
-      n_bond: the atom graph's edge budget (> total bonds: the padding graph needs one bond).
+      pairs: (graph, line) of each structure, in batch order.
+      n_node: atom budget (> total atoms).
+      n_edge: bond budget (> total bonds: the line graph's padding graph needs a node).
       n_triplet: triplet budget (>= total triplets).
-      n_graph: graph budget, the same as the atom graph's.
+      n_graph: graph budget (> number of structures).
 
     Returns:
-      The padded line-graph GraphsTuple (jraph `pad_with_graphs` layout).
+      (graph, line), padded.
 
     Raises:
-      ValueError: a budget is too small.
+      ValueError: naming the budget that is too small.
     """
-    batch = jraph.batch_np(list(line_graphs))
-    bonds, triplets = int(batch.n_node.sum()), int(batch.n_edge.sum())
-    if n_bond <= bonds or n_triplet < triplets or n_graph <= len(line_graphs):
-        raise ValueError(f"pad_line_graphs: budgets (bonds {n_bond}, triplets {n_triplet}, graphs {n_graph}) "
-                         f"must exceed {bonds} bonds, reach {triplets} triplets and exceed {len(line_graphs)} "
-                         "graphs")
-    return jraph.pad_with_graphs(batch, n_node=n_bond, n_edge=n_triplet, n_graph=n_graph)
+    graph = jraph.batch_np([g for g, _ in pairs])
+    line = jraph.batch_np([lg for _, lg in pairs])
+    totals = {"n_node": (n_node, int(graph.n_node.sum()) + 1), "n_edge": (n_edge, int(graph.n_edge.sum()) + 1),
+              "n_triplet": (n_triplet, int(line.n_edge.sum())), "n_graph": (n_graph, len(pairs) + 1)}
+    for name, (budget, needed) in totals.items():
+        if budget < needed:
+            raise ValueError(f"pad_alignn_batch: {name}={budget} is too small, this batch needs >= {needed}")
+    return (jraph.pad_with_graphs(graph, n_node=n_node, n_edge=n_edge, n_graph=n_graph),
+            jraph.pad_with_graphs(line, n_node=n_edge, n_edge=n_triplet, n_graph=n_graph))
