@@ -1,59 +1,264 @@
-"""Pictures of structures with atoms coloured by their global-attention (GA) score.
+"""Ball-and-stick pictures of molecules and crystals with atoms coloured by a per-atom value.
 
-Drawn with ASE's matplotlib renderer (the class behind ``ase.visualize.plot.plot_atoms``); the
-colour scale runs from 0 to the largest GA score of the structure and is shown as a colour bar.
+Atoms are drawn as spheres (discs, depth-sorted with the sticks), coloured by the value (by default
+the global-attention (GA) score, on a 0 → max colour scale shown as a colour bar), with radii that
+grow with the covalent radius. Bonds are sticks between atoms closer than
+``bond_scale · (r_i + r_j)`` (covalent radii, `ase.data.covalent_radii`), found through periodic
+images in crystals. A crystal is drawn with its cell (or a supercell, ``repeat``) outlined; atoms
+on a cell face, edge or corner are also drawn on the opposite ones, as crystallographers draw
+cells; bonds to atoms outside the drawn cell are left out unless ``outside_bonds`` (then they are
+half sticks pointing to the outside atom).
 Atoms are labelled with symbol and index ("N3", as in the prediction table) in small structures.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from typing import NamedTuple
 
 import ase
 import numpy as np
+from ase.data import covalent_radii
+from ase.neighborlist import neighbor_list
+from ase.utils import rotate
 
 COLORMAP = "viridis"
 MAX_LABELLED_ATOMS = 40  # larger structures are drawn without atom labels
 ROTATION = "10x,20y,0z"  # a slight tilt so that planar molecules are not seen edge-on
+BOND_SCALE = 1.2  # bond where d < BOND_SCALE * (r_i + r_j), covalent radii
+STICK_WIDTH = 0.12  # Å
+BOUNDARY_TOLERANCE = 1e-3  # fractional coordinate within this of 0 (or 1) lies on a cell face
+# Elements that are not metals (noble gases, nonmetals, metalloids); every other element is a metal.
+NONMETALS = frozenset("H He B C N O F Ne Si P S Cl Ar Ge As Se Br Kr Sb Te I Xe At Rn".split())
+
+
+class Bonds(NamedTuple):
+    """Undirected bonds, each listed once.
+
+    Attributes:
+      first: int64 [B], atom i.
+      second: int64 [B], atom j (i < j, or i == j for a bond to its own periodic image).
+      shifts: int64 [B, 3], the bonded image of j is at ``positions[j] + shifts @ cell``.
+      lengths: float64 [B], Å.
+    """
+
+    first: np.ndarray
+    second: np.ndarray
+    shifts: np.ndarray
+    lengths: np.ndarray
+
+
+def _directed_bonds(atoms: ase.Atoms, bond_scale: float, metal_metal: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both directions of every bond: (i [2B], j [2B], shifts [2B, 3], lengths [2B])."""
+    if len(atoms) == 0:
+        return (np.zeros(0, np.int64),) * 2 + (np.zeros((0, 3), np.int64), np.zeros(0))
+    radii = bond_scale * covalent_radii[atoms.numbers]  # pairs with d < radii[i] + radii[j]
+    i, j, shifts, d = neighbor_list("ijSd", atoms, radii, self_interaction=False)
+    if not metal_metal:
+        metal = np.array([s not in NONMETALS for s in atoms.get_chemical_symbols()])
+        keep = ~(metal[i] & metal[j])
+        i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.int64), d
+
+
+def find_bonds(atoms: ase.Atoms, *, bond_scale: float = BOND_SCALE, metal_metal: bool = False) -> Bonds:
+    """Bonds from covalent radii: atoms i, j (or a periodic image of j) closer than
+    ``bond_scale · (r_i + r_j)``.
+
+    Covalent radii overstate the bonds between electropositive atoms of ionic solids (rock-salt
+    Na–Na at 3.99 Å against 1.2 · (1.66 + 1.66) = 3.98 Å; Sr–Sr and Sr–Ti in SrTiO3 at 3.9 and
+    3.4 Å fall inside), so metal–metal pairs are not bonded unless ``metal_metal`` (for metal
+    clusters and alloys).
+
+    Args:
+      atoms: a molecule or a periodic structure (N atoms).
+      bond_scale: tolerance factor on the sum of covalent radii.
+      metal_metal: also bond two metal atoms (every element outside `NONMETALS`).
+
+    Returns:
+      The B bonds, each once.
+    """
+    i, j, shifts, d = _directed_bonds(atoms, bond_scale, metal_metal)
+    first_nonzero = np.array([s[np.flatnonzero(s)[0]] if s.any() else 0 for s in shifts], np.int64)
+    once = (i < j) | ((i == j) & (first_nonzero > 0))
+    return Bonds(i[once], j[once], shifts[once], d[once])
+
+
+class _Drawn(NamedTuple):
+    """The atom copies drawn: atom index [M], cell offset [M, 3] (in cells), position [M, 3] (Å)."""
+
+    index: np.ndarray
+    offset: np.ndarray
+    positions: np.ndarray
+
+
+def _drawn_copies(atoms: ase.Atoms) -> _Drawn:
+    """Every atom once, plus for a crystal its copies on the opposite face/edge/corner."""
+    n = len(atoms)
+    index, offsets = list(range(n)), [np.zeros(3, np.int64)] * n
+    if atoms.pbc.any():
+        frac = atoms.cell.scaled_positions(atoms.positions)
+        for k in range(n):
+            options = [(0, 1) if atoms.pbc[a] and abs(frac[k, a]) < BOUNDARY_TOLERANCE else (0,)
+                       for a in range(3)]
+            for offset in itertools.product(*options):
+                if any(offset):
+                    index.append(k)
+                    offsets.append(np.array(offset, np.int64))
+    index, offsets = np.array(index, np.int64), np.array(offsets, np.int64).reshape(-1, 3)
+    return _Drawn(index, offsets, atoms.positions[index] + offsets @ atoms.cell[:])
+
+
+def _cell_edges(cell: np.ndarray) -> np.ndarray:
+    """[12, 2, 3] the edges of the parallelepiped spanned by the rows of ``cell`` (Å)."""
+    corners = np.array(list(itertools.product((0, 1), repeat=3)))
+    edges = [(a, b) for a, b in itertools.combinations(range(8), 2)
+             if np.abs(corners[a] - corners[b]).sum() == 1]
+    return np.array([[corners[a] @ cell, corners[b] @ cell] for a, b in edges])
+
+
+def _stick(p: np.ndarray, q: np.ndarray, width: float) -> np.ndarray:
+    """[4, 2] corners of a stick of ``width`` from 2-D point p to q."""
+    direction = q - p
+    normal = np.array([-direction[1], direction[0]]) / max(float(np.linalg.norm(direction)), 1e-12)
+    half = 0.5 * width * normal
+    return np.array([p + half, q + half, q - half, p - half])
+
+
+class Drawing(NamedTuple):
+    """The artists `draw_structure` added to the axes.
+
+    Attributes:
+      atoms: one ``Circle`` per drawn atom copy [M] (boundary copies included).
+      sticks: one ``Polygon`` per half stick [H] (a bond between two drawn atoms is two halves).
+      cell_lines: the 12 ``Line2D`` edges of the (super)cell; empty for a molecule.
+      atom_index: int64 [M], the atom (of the repeated structure) each circle shows.
+    """
+
+    atoms: list
+    sticks: list
+    cell_lines: list
+    atom_index: np.ndarray
+
+
+def _check_inputs(atoms: ase.Atoms, values: np.ndarray, repeat: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
+    values = np.asarray(values, np.float64)
+    if values.shape != (len(atoms),) or not np.isfinite(values).all():
+        raise ValueError(f"render_ga: need {len(atoms)} finite GA scores, got shape {values.shape}")
+    repeat = tuple(int(r) for r in repeat)
+    if len(repeat) != 3 or min(repeat) < 1 or any(r > 1 and not p for r, p in zip(repeat, atoms.pbc)):
+        raise ValueError(f"render_ga: repeat={repeat} must be three integers >= 1, 1 along "
+                         f"non-periodic directions (pbc={atoms.pbc.tolist()})")
+    return values, repeat
+
+
+def draw_structure(ax, atoms: ase.Atoms, values: np.ndarray, *, norm, cmap, rotation: str = ROTATION,
+                   repeat: tuple[int, int, int] = (1, 1, 1), bonds: bool = True,
+                   bond_scale: float = BOND_SCALE, metal_metal: bool = False,
+                   outside_bonds: bool = False) -> Drawing:
+    """Draws ``atoms`` as balls and sticks into matplotlib axes ``ax`` (arguments as `render_ga`).
+
+    Args:
+      ax: matplotlib axes; limits and aspect are set to fit the structure.
+      atoms: N atoms.
+      values: [N] per-atom values, coloured with ``cmap(norm(value))``.
+      norm, cmap: matplotlib normalisation and colour map.
+
+    Returns:
+      The artists added.
+    """
+    from matplotlib.patches import Circle, Polygon
+
+    values, repeat = _check_inputs(atoms, values, repeat)
+    n_original = len(atoms)
+    if repeat != (1, 1, 1):
+        atoms = atoms.repeat(repeat)  # copies in blocks of N atoms
+        values = np.tile(values, int(np.prod(repeat)))
+    drawn = _drawn_copies(atoms)
+    view = rotate(rotation)
+    projected = drawn.positions @ view  # [M, 3]; x, y on screen, z towards the viewer
+    draw_radius = 0.2 + 0.2 * covalent_radii[atoms.numbers[drawn.index]]  # Å
+    circles, sticks, cell_lines = [], [], []
+    for k in np.argsort(projected[:, 2]):
+        circles.append(ax.add_patch(Circle(
+            projected[k, :2], draw_radius[k], facecolor=cmap(norm(values[drawn.index[k]])),
+            edgecolor="black", linewidth=0.6, zorder=float(projected[k, 2]) + 1e-3)))
+    if bonds:
+        i, j, shifts, _ = _directed_bonds(atoms, bond_scale, metal_metal)
+        cell = atoms.cell[:]
+        copies = {(int(a), *map(int, o)) for a, o in zip(drawn.index, drawn.offset)}
+        for k in range(len(drawn.index)):  # a half stick from each drawn copy towards each partner
+            mine = np.flatnonzero(i == drawn.index[k])
+            if not outside_bonds:
+                offsets = shifts[mine] + drawn.offset[k]
+                mine = mine[[(int(b), *map(int, o)) in copies for b, o in zip(j[mine], offsets)]]
+            partner = atoms.positions[j[mine]] + (shifts[mine] + drawn.offset[k]) @ cell
+            start = projected[k]
+            for end in (0.5 * (drawn.positions[k] + partner)) @ view:
+                sticks.append(ax.add_patch(Polygon(
+                    _stick(start[:2], end[:2], STICK_WIDTH), closed=True, facecolor="0.5", linewidth=0,
+                    zorder=float(0.5 * (start[2] + end[2])))))
+    extent = projected[:, :2]
+    if atoms.pbc.any():
+        edges = _cell_edges(atoms.cell[:]) @ view  # [12, 2, 3]
+        for a, b in edges:
+            cell_lines += ax.plot([a[0], b[0]], [a[1], b[1]], color="black", linewidth=0.8,
+                                  zorder=float(0.5 * (a[2] + b[2])))
+        extent = np.vstack([edges.reshape(-1, 3)[:, :2], extent])
+    if n_original <= MAX_LABELLED_ATOMS:
+        for k in np.flatnonzero((drawn.index < n_original) & ~drawn.offset.any(axis=1)):
+            a = drawn.index[k]
+            ax.annotate(f"{atoms[a].symbol}{a}", projected[k, :2], ha="center", va="center", fontsize=7,
+                        color="white" if norm(values[a]) < 0.6 else "black", zorder=1e6)
+    margin = float(draw_radius.max()) + 0.3 if len(draw_radius) else 1.0
+    low, high = extent.min(axis=0) - margin, extent.max(axis=0) + margin
+    ax.set_xlim(low[0], high[0])
+    ax.set_ylim(low[1], high[1])
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    return Drawing(circles, sticks, cell_lines, drawn.index[np.argsort(projected[:, 2])])
 
 
 def render_ga(atoms: ase.Atoms, ga_scores: np.ndarray, path: str | os.PathLike, title: str,
-              *, rotation: str = ROTATION, dpi: int = 120) -> None:
-    """Writes a PNG of ``atoms`` coloured by ``ga_scores``.
+              *, rotation: str = ROTATION, dpi: int = 120, repeat: tuple[int, int, int] = (1, 1, 1),
+              bonds: bool = True, bond_scale: float = BOND_SCALE, metal_metal: bool = False,
+              outside_bonds: bool = False, colorbar_label: str = "GA score") -> None:
+    """Writes a PNG of ``atoms`` as balls and sticks coloured by ``ga_scores``.
 
     Args:
-      atoms: the structure (N atoms).
-      ga_scores: [N] GA scores (sum to 1).
+      atoms: the structure (N atoms); periodic directions (``pbc``) get the cell outline.
+      ga_scores: [N] GA scores (sum to 1), or another per-atom value named by ``colorbar_label``;
+        the colour scale runs from min(0, smallest) to the largest value.
       path: the PNG file to write.
       title: figure title (e.g. the formula and the prediction with its unit).
-      rotation: ASE rotation string of the view.
+      rotation: ASE rotation string of the view (e.g. ``"-80x,-25y"``).
       dpi: resolution.
+      repeat: supercell drawn along the three cell vectors (periodic directions only).
+      bonds: draw bonds (see `find_bonds`); ``bond_scale`` and ``metal_metal`` as there.
+      outside_bonds: also draw bonds to atoms outside the drawn cell, as half sticks pointing to
+        them (default: only bonds between drawn atoms, boundary copies included).
+      colorbar_label: label of the colour bar.
 
     Raises:
-      ValueError: if ``ga_scores`` does not hold one finite value per atom.
+      ValueError: if ``ga_scores`` does not hold one finite value per atom, or ``repeat`` is not
+        three positive integers (1 along non-periodic directions).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from ase.visualize.plot import Matplotlib
 
-    scores = np.asarray(ga_scores, np.float64)
-    if scores.shape != (len(atoms),) or not np.isfinite(scores).all():
-        raise ValueError(f"render_ga: need {len(atoms)} finite GA scores, got shape {scores.shape}")
-    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=max(float(scores.max()), 1e-12))
+    scores, repeat = _check_inputs(atoms, ga_scores, repeat)
+    vmin = min(0.0, float(scores.min()))
+    norm = matplotlib.colors.Normalize(vmin=vmin, vmax=max(float(scores.max()), vmin + 1e-12))
     cmap = matplotlib.colormaps[COLORMAP]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    drawing = Matplotlib(atoms, ax, rotation=rotation, colors=[cmap(norm(s)) for s in scores], radii=0.45,
-                         show_unit_cell=int(bool(np.any(atoms.pbc))))
-    drawing.write()  # what ase.visualize.plot.plot_atoms does, keeping the projected positions
-    if len(atoms) <= MAX_LABELLED_ATOMS:
-        for i, (x, y) in enumerate(drawing.positions[:, :2]):
-            ax.annotate(f"{atoms[i].symbol}{i}", (x, y), ha="center", va="center", fontsize=7,
-                        color="white" if norm(scores[i]) < 0.6 else "black", zorder=10)
-    ax.set_axis_off()
+    draw_structure(ax, atoms, scores, norm=norm, cmap=cmap, rotation=rotation, repeat=repeat, bonds=bonds,
+                   bond_scale=bond_scale, metal_metal=metal_metal, outside_bonds=outside_bonds)
     ax.set_title(title)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="GA score")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=colorbar_label)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
