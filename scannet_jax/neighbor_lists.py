@@ -109,8 +109,8 @@ def nearest_neighbour_lists(
         while True:
             dist, idx = tree.query(points[:n], k=min(k, len(points)), distance_upper_bound=radius)
             dist, idx = np.atleast_2d(dist)[:, 1:], np.atleast_2d(idx)[:, 1:]  # column 0 is the atom itself
-            exhausted = not periodic  # a molecule's every other atom is a candidate
-            keep, shell, closed = _shells(dist, num_neighbours, tolerance, exhausted and k >= n)
+            exhausted = not periodic and k >= n  # every other atom of the molecule was returned
+            keep, shell, closed = _shells(dist, num_neighbours, tolerance, exhausted)
             if closed.all() or k >= len(points) or not np.isfinite(dist[~closed, -1]).any():
                 break
             k *= 2  # some shell may continue past the k-th candidate
