@@ -60,15 +60,25 @@ def test_tie_rule_orders_a_shell_by_z_and_cut_keeps_lowest_z():
     assert z8[1].tolist() == [11] * 2 + [17] * 4 + [11] * 2
 
 
-def test_periodic_images_match_brute_force_on_a_skewed_cell():
+def skewed_random_cell() -> ase.Atoms:
     rng = np.random.default_rng(0)
     cell = np.array([[3.1, 0.0, 0.0], [2.9, 2.7, 0.0], [-2.5, 1.3, 3.4]])  # far from reduced
-    atoms = ase.Atoms("LiMgO", scaled_positions=rng.random((3, 3)) * 2 - 0.5, cell=cell, pbc=True)
+    return ase.Atoms("LiMgO", scaled_positions=rng.random((3, 3)) * 2 - 0.5, cell=cell, pbc=True)
+
+
+@pytest.mark.parametrize("atoms", [
+    skewed_random_cell(),
+    bulk("Cu", "fcc", a=3.6, cubic=True),  # the 19th lies in a shell of 24: more candidates than first asked for
+    bulk("Ti", "hcp", a=2.95, c=4.68),
+], ids=["skewed", "fcc", "hcp"])
+def test_periodic_images_match_brute_force(atoms):
     lists = nl.neighbour_lists(atoms)
     np.testing.assert_allclose(np.sort(lists.distances, axis=1), brute_force_distances(atoms)[:, :19], rtol=1e-10)
-    vectors = atoms.positions[lists.indices] + lists.shifts @ cell - atoms.positions[:, None, :]
+    vectors = atoms.positions[lists.indices] + lists.shifts @ atoms.cell.array - atoms.positions[:, None, :]
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), lists.distances, rtol=1e-12)
     assert (np.diff(lists.distances, axis=1) > -nl.TIE_TOLERANCE).all()  # sorted up to the shell rule
+    assert len({(i, j, tuple(n)) for i in range(len(atoms))
+                for j, n in zip(lists.indices[i], lists.shifts[i])}) == 19 * len(atoms)  # no image twice
 
 
 def test_small_cell_needs_many_image_shells():
@@ -103,6 +113,20 @@ def test_lists_invariant_to_rotation_translation_order_and_cell_choice():
     lists = nl.neighbour_lists(supercell)
     np.testing.assert_array_equal(z_sequences(supercell, lists)[:4], ref_z)
     np.testing.assert_allclose(lists.distances[:4], ref.distances, rtol=1e-10)
+
+
+@pytest.mark.parametrize("num_neighbours", [8, 19])
+def test_tie_rule_is_invariant_to_rotation_translation_order_and_cell_choice(num_neighbours):
+    # Exact ties between Na and Cl in the a and a√2 shells (test above), cut at place 8.
+    atoms = alternating_cubic()
+    ref = nl.neighbour_lists(atoms, num_neighbours=num_neighbours)
+    moved = make_supercell(atoms, [[1, 1, 0], [0, 1, 0], [0, 1, 1]])[[1, 0]]  # another cell, atoms swapped
+    rotation = Rotation.random(random_state=5).as_matrix()
+    moved.set_cell(moved.cell.array @ rotation.T, scale_atoms=True)
+    moved.positions += [0.7, -3.1, 1.9]
+    lists = nl.neighbour_lists(moved, num_neighbours=num_neighbours)
+    np.testing.assert_array_equal(z_sequences(moved, lists)[[1, 0]], z_sequences(atoms, ref))
+    np.testing.assert_allclose(lists.distances[[1, 0]], ref.distances, rtol=1e-10)
 
 
 def test_primitive_and_conventional_cells_give_the_same_sequences():
