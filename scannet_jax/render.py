@@ -81,8 +81,8 @@ def find_bonds(atoms: ase.Atoms, *, bond_scale: float = BOND_SCALE, metal_metal:
       The B bonds, each once.
     """
     i, j, shifts, d = _directed_bonds(atoms, bond_scale, metal_metal)
-    first_nonzero = np.array([s[np.flatnonzero(s)[0]] if s.any() else 0 for s in shifts], np.int64)
-    once = (i < j) | ((i == j) & (first_nonzero > 0))
+    first_nonzero = shifts[np.arange(len(shifts)), np.argmax(shifts != 0, axis=1)]  # 0 for no shift
+    once = (i < j) | ((i == j) & (first_nonzero > 0))  # of (i, j, S) and (j, i, -S) keep one
     return Bonds(i[once], j[once], shifts[once], d[once])
 
 
