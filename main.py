@@ -22,8 +22,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scannet_jax import train  # after flag parsing: JAX starts here
+    from scannet_jax import parallel, train  # after flag parsing: JAX starts here
 
+    distributed = FLAGS.config.distributed
+    parallel.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
+                                    distributed.process_id)
     workdir = Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = std_logging.FileHandler(workdir / "train.log")

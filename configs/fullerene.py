@@ -25,21 +25,17 @@ TARGET_UNITS = {"homo": "eV", "lumo": "eV", "total_energy": "eV"}
 
 def md_data_config(base: ml_collections.ConfigDict, dataset: str, target: str, units: str,
                    split: str) -> None:
-    """Turns ``base.data`` (the QM9 data config) into one for `scannet_jax.datasets.md.load`.
+    """Points ``base.data`` (the QM9 config's, which has every data set's keys) at an MD data set.
 
-    ``data_dir`` keeps its QM9 meaning (the feature cache root).
+    ``data_dir`` keeps its meaning (the feature cache root).
     """
     data = base.data
-    del data["limit"]
     data.dataset = dataset
+    data.limit = 0  # QM9 only
     data.target = target
     data.units = units
-    data.source_dir = ""  # where the chunk files are; "" = data/<dataset> of the checkout
     data.group_by = split  # "trajectory", "temperature" or "structure"
-    data.molecules = True  # MD frames are molecules (boxed by the featuriser)
-    data.paths = ""  # dataset "files" only
-    data.file_format = ""
-    data.columns = ""
+    data.molecules = True  # MD frames are molecules
 
 
 def md_config(arg: str | None, dataset: str, target_units: dict[str, str],

@@ -59,17 +59,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.limit = args.limit  # 0 = all 130,831 molecules
     config.data.ring = args.ring
     config.data.num_workers = 0  # featurisation processes; 0 = all cores
+    config.data.graph_builder = "voronoi"  # featurize.GRAPH_BUILDERS; config.data.featurizer are its settings
     config.data.featurizer = ml_collections.ConfigDict()
     config.data.featurizer.mode = "exact"  # "original" reproduces the boxed-molecule neighbours
     config.data.featurizer.cutoff = 4.0  # d_t, Å
     config.data.featurizer.min_solid_angle = 0.4  # w_t, sr
     config.data.featurizer.min_relative_weight = 0.2
     config.data.standardize = True  # mean/std of the TRAINING split (original: whole set)
+    # Options of the other data sets (datasets.Source); every data set's config has these keys.
+    config.data.source_dir = ""  # fullerene, pt_graphene: folder of the chunk files; "" = data/<name>
+    config.data.group_by = "trajectory"  # MD / file sets: "trajectory", "temperature" or "structure"
+    config.data.molecules = True  # MD / file sets: treat every structure as a molecule
+    config.data.paths = ""  # files: comma-separated glob patterns
+    config.data.file_format = ""  # files: property_xyz, extxyz or ase
+    config.data.columns = ""  # files: target names joined by ":"
 
-    config.model = ml_collections.ConfigDict(_as_dict(models.default_model_config()))
+    config.model = models.default_model_config("scann" if args.scann else "scannplus")
     config.model.use_ring = args.ring
-    if args.scann:
-        config.model.g_update = False
+    config.loss = "rmse"  # the original's: RMSE of the standardised target (losses.LOSSES)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr = 5e-4
@@ -117,17 +124,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every_steps = 4
         config.log_every_steps = 5
     return config
-
-
-def _as_dict(model_config) -> dict:
-    """A plain dict of the model's default config (a ConfigDict, dataclass or mapping)."""
-    if hasattr(model_config, "to_dict"):
-        return model_config.to_dict()
-    if hasattr(model_config, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(model_config)
-    return dict(model_config)
 
 
 def _tiny_model_sizes(model: ml_collections.ConfigDict) -> dict:

@@ -2,7 +2,7 @@
 
 Featurises QM9 once (or loads the feature cache), chooses buckets for the training split, then
 walks whole shuffled training epochs at the given batch size, counting real and padded nodes and
-edges and the distinct padded shapes, and times `pad_batch` alone and `iterate_batches` behind
+edges and the distinct padded shapes, and times `pad_batch` alone and `BatchPlan.batches` (the training path) with and without
 `prefetch`. The first `--warmup` batches of each timing are not counted. Nothing is compiled
 here (NumPy only); the one-time costs reported instead are the cache load, the tfds -> GraphStore
 consolidation and the bucket choice.
@@ -18,10 +18,11 @@ import platform
 import time
 from pathlib import Path
 
+import jax
 from absl import app, flags
 
 from scannet_jax import batching
-from scannet_jax.datasets import featurize, qm9, qm9_tfds
+from scannet_jax.datasets import featurize, qm9_tfds
 from scannet_jax.neighbors import NEIGHBORS_VERSION, FeaturizerSettings
 
 FLAGS = flags.FLAGS
@@ -49,12 +50,11 @@ def _throughput(batches, count: int, warmup: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _endless(store, train, buckets, prefetched: bool):
+def _endless(plan: batching.BatchPlan, prefetched: bool):
     def epochs():
         epoch = 0
         while True:
-            yield from batching.iterate_batches(store, train, FLAGS.batch_size, buckets, seed=FLAGS.seed,
-                                                epoch=epoch, target_name="homo")
+            yield from plan.batches(FLAGS.seed, epoch)
             epoch += 1
     return batching.prefetch(epochs()) if prefetched else epochs()
 
@@ -66,11 +66,11 @@ def main(argv: list[str]) -> None:
     keyed = featurize.cache_path(FLAGS.cache_dir, name, settings, ring=False)
     cache_existed = (keyed / "graphs" / "manifest.json").exists()
     start = time.perf_counter()
-    store, splits = qm9.load_qm9(settings, cache_dir=FLAGS.cache_dir, num_workers=FLAGS.num_workers,
+    store, splits = qm9_tfds.load_qm9(settings, cache_dir=FLAGS.cache_dir, num_workers=FLAGS.num_workers,
                                  limit=FLAGS.limit, seed=FLAGS.seed)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    store, splits = qm9.load_qm9(settings, cache_dir=FLAGS.cache_dir, limit=FLAGS.limit, seed=FLAGS.seed)
+    store, splits = qm9_tfds.load_qm9(settings, cache_dir=FLAGS.cache_dir, limit=FLAGS.limit, seed=FLAGS.seed)
     cached_load_s = time.perf_counter() - start
     consolidate_s = None
     if FLAGS.time_consolidation:
@@ -84,13 +84,14 @@ def main(argv: list[str]) -> None:
     buckets = batching.choose_buckets(store, train, FLAGS.batch_size, max_buckets=FLAGS.max_buckets)
     choose_s = time.perf_counter() - start
 
+    plan = batching.BatchPlan(store, train, "homo", FLAGS.batch_size, buckets)  # one device
     usage = {b: 0 for b in buckets}
     real_nodes = real_edges = pad_nodes = pad_edges = 0
     shapes_per_epoch = []
     for epoch in range(FLAGS.epochs):
         shapes = set()
-        for graphs in batching.iterate_batches(store, train, FLAGS.batch_size, buckets, seed=FLAGS.seed,
-                                               epoch=epoch, target_name="homo"):
+        for stacked in plan.batches(FLAGS.seed, epoch):
+            graphs = jax.tree.map(lambda x: x[0], stacked)
             bucket = batching.Bucket(int(graphs.n_node.sum()), int(graphs.n_edge.sum()), graphs.n_node.shape[0])
             usage[bucket] += 1
             shapes.add(bucket)
@@ -110,8 +111,8 @@ def main(argv: list[str]) -> None:
     for _ in range(FLAGS.timed_batches):
         batching.pad_batch(store, fixed, bucket0, "homo")
     pad_batch_per_s = FLAGS.timed_batches / (time.perf_counter() - start)
-    iterate_per_s = _throughput(_endless(store, train, buckets, False), FLAGS.timed_batches, FLAGS.warmup)
-    prefetch_gen = _endless(store, train, buckets, True)
+    iterate_per_s = _throughput(_endless(plan, False), FLAGS.timed_batches, FLAGS.warmup)
+    prefetch_gen = _endless(plan, True)
     prefetch_per_s = _throughput(prefetch_gen, FLAGS.timed_batches, FLAGS.warmup)
     prefetch_gen.close()
 
@@ -131,8 +132,8 @@ def main(argv: list[str]) -> None:
                     "distinct_shapes_per_epoch": shapes_per_epoch},
         "seconds": {"first_call": load_s, "first_call_found_cache": cache_existed, "cached_load": cached_load_s,
                     "tfds_to_graphstore_consolidation": consolidate_s, "choose_buckets": choose_s},
-        "batches_per_s": {"pad_batch": pad_batch_per_s, "iterate_batches": iterate_per_s,
-                          "iterate_batches_prefetch": prefetch_per_s},
+        "batches_per_s": {"pad_batch": pad_batch_per_s, "plan_batches": iterate_per_s,
+                          "plan_batches_prefetch": prefetch_per_s},
     }
     print(f"QM9 {len(store)} molecules ({settings.key()}), train {len(train)}, batch {FLAGS.batch_size}, "
           f"{FLAGS.epochs} epochs")

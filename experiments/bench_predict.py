@@ -33,6 +33,7 @@ from scannet_jax import batching, models, predict  # noqa: E402
 from scannet_jax.datasets import qm9  # noqa: E402
 from scannet_jax.graphs import GraphStore  # noqa: E402
 from scannet_jax.neighbors import FeaturizerSettings  # noqa: E402
+from scannet_jax.structures import molecule  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +59,7 @@ def random_predictor(model: str, batch_size: int, num_workers: int | None) -> pr
                             [0.63, -0.63, -0.63]])
     from scannet_jax.datasets import featurize
 
-    features = featurize.featurize_one(featurize.Structure(example.numbers, example.positions),
+    features = featurize.featurize_one(molecule(example.numbers, example.positions),
                                        FeaturizerSettings(), False)
     graphs = batching.pad_batch(GraphStore.from_structures([example.numbers], [features]), [0],
                                 batching.Bucket(64, 384, 2), None)

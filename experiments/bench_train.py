@@ -43,25 +43,17 @@ def _cpu_seconds() -> float:
 
 def bench_variant(variant: str) -> dict:
     import jax
-    import numpy as np
 
     from configs import qm9
-    from scannet_jax import parallel, train
+    from scannet_jax import batching, parallel, train
 
     config = qm9.get_config(f"{FLAGS.target},limit={FLAGS.limit}" + (",scann" if variant == "scann" else ""))
     config.batch_size = config.eval_batch_size = FLAGS.batch_size
     config.num_buckets = FLAGS.num_buckets
-    data = train.get_datasets(config)
-    mesh = parallel.make_mesh()
-    plan = train.make_plan(data.train, config.data.target, config.batch_size, config.num_buckets, mesh)
-    eval_plan = train.make_plan(data.validation, config.data.target, config.eval_batch_size, config.num_buckets,
-                                mesh, data.train)
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, plan.num_batches())
-    example = jax.tree.map(lambda x: x[0], plan.batch(np.arange(config.batch_size)))
-    state = parallel.replicate(train.create_train_state(config, model, tx, example, data.mean, data.std), mesh)
-    state = train.set_learning_rate(state, config.optimizer.lr, mesh)
-    steps = train.make_steps(mesh, config.optimizer.l2)
+    trainer = train.setup(config)
+    data, mesh, plan, steps = trainer.data, trainer.mesh, trainer.train_plan, trainer.steps
+    eval_plan = trainer.eval_plans["validation"]
+    state = train.set_learning_rate(trainer.state, config.optimizer.lr, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     # Compile every bucket first: one representative batch per bucket, timed apart.
@@ -83,7 +75,7 @@ def bench_variant(variant: str) -> dict:
     n = min(FLAGS.steps, plan.num_batches() - 2)
     epoch_order = plan.order(config.seed, 1)
     molecules = sum(len(epoch_order[b * plan.batch_size:(b + 1) * plan.batch_size]) for b in range(1, n + 1))
-    batches = train.device_batches(plan, mesh, config.seed, 1, 0, config.prefetch)
+    batches = batching.device_batches(plan, mesh, config.seed, 1, 0, config.prefetch)
     state, metrics = steps.train(state, next(batches))
     jax.block_until_ready(metrics)
     time.sleep(1.0)  # let the prefetch queue fill
@@ -108,7 +100,7 @@ def bench_variant(variant: str) -> dict:
     return {
         "variant": variant,
         "num_params": int(num_params),
-        "structures": {"train": len(data.train), "validation": len(data.validation)},
+        "structures": {"train": len(plan), "validation": len(eval_plan)},
         "train_molecules_per_s": train_rate,
         "train_ms_per_step_mean": 1e3 * train_s / n,
         "train_cpu_s_per_step": train_cpu_s / n,

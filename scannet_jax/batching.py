@@ -1,7 +1,10 @@
-"""Fixed-size padded batches from a `GraphStore` (NumPy; only `graph_masks` runs under jit).
+"""Fixed-size padded batches from a `GraphStore`: the one batching path of training,
+evaluation and benchmarks (NumPy; only `graph_masks` runs under jit).
 
-Every batch is padded to one of a few `Bucket` shapes so that a jitted step compiles once per
-bucket. The layout is jraph's `pad_with_graphs`: the real graphs, then one graph holding every
+`BatchPlan` cuts a split (positions in a store) into global batches, one padded chunk per
+device, in a deterministic, resumable order; `device_batches` pads them ahead in a background
+thread and places them on the mesh. Every batch is padded to one of a few `Bucket` shapes so
+that a jitted step compiles once per bucket. The layout is jraph's `pad_with_graphs`: the real graphs, then one graph holding every
 padding node and edge (padding edges point at the first padding node, padding Z = 0), then empty
 graphs. Batches are gathered from the CSR arrays with vectorised index arithmetic (no per-graph
 Python loop), so a CPU thread prepares several hundred batches of 128 QM9 molecules per second.
@@ -9,6 +12,8 @@ Python loop), so a CPU thread prepares several hundred batches of 128 QM9 molecu
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +23,7 @@ import jax
 import jraph
 import numpy as np
 
+from scannet_jax import parallel
 from scannet_jax.graphs import GraphStore, concat_ranges
 
 T = TypeVar("T")
@@ -250,77 +256,108 @@ def num_batches(num_structures: int, batch_size: int, drop_remainder: bool = Fal
     return num_structures // batch_size if drop_remainder else -(-num_structures // batch_size)
 
 
-def stack_device_batches(
-    store: GraphStore, indices: np.ndarray, buckets: Sequence[Bucket], num_devices: int,
-    target_name: str | None,
-) -> jraph.GraphsTuple:
-    """Splits one global batch into `num_devices` per-device batches of one common bucket.
+@dataclasses.dataclass
+class BatchPlan:
+    """How a split is cut into steps: one global batch per step, one padded chunk per device.
 
-    Args:
-      store: the data set.
-      indices: [B] positions in `store`; device d gets the d-th of `num_devices` near-equal
-        contiguous chunks (np.array_split).
-      buckets: per-device buckets (chosen with the per-device batch size), smallest first.
-      num_devices: leading axis size.
-      target_name: as in `pad_batch`.
+    Global batch k of an epoch holds ``order(seed, epoch)[k * batch_size:(k + 1) * batch_size]``;
+    it is split into ``num_devices`` near-equal contiguous chunks (``np.array_split``), all padded
+    to the smallest bucket that holds every chunk, so all devices share one shape. The plan is
+    the same on every process, but a process pads only the chunks of its own devices.
 
-    Returns:
-      GraphsTuple whose every leaf has a leading [num_devices] axis; all devices use the
-      smallest bucket that fits every chunk.
+    Attributes:
+      store: the data set (the split is a set of positions in it; nothing is copied).
+      indices: int64 [S], positions of the split's structures in ``store``.
+      target: name of the target in ``store.targets``.
+      batch_size: global batch size (over all devices).
+      buckets: padded shapes of one device's chunk, smallest first.
+      num_devices: devices in the mesh.
+      local_devices: positions in the mesh of the devices this process feeds.
     """
-    chunks = np.array_split(np.asarray(indices, np.int64), num_devices)
-    bucket = max((select_bucket(int(store.n_node[c].sum()), int(store.n_edge[c].sum()), len(c), buckets)
-                  for c in chunks), key=buckets.index)
-    return jax.tree.map(lambda *xs: np.stack(xs),
-                        *[pad_batch(store, c, bucket, target_name) for c in chunks])
+
+    store: GraphStore
+    indices: np.ndarray
+    target: str | None
+    batch_size: int
+    buckets: list[Bucket]
+    num_devices: int = 1
+    local_devices: range = range(1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def num_batches(self) -> int:
+        return num_batches(len(self.indices), self.batch_size)
+
+    def order(self, seed: int | None, epoch: int) -> np.ndarray:
+        """Store positions in the order of ``epoch``: shuffled by (seed, epoch), or as given if
+        seed is None."""
+        return epoch_order(self.indices, seed=seed or 0, epoch=epoch, shuffle=seed is not None)
+
+    def chunks(self, indices: np.ndarray) -> list[np.ndarray]:
+        return np.array_split(np.asarray(indices, np.int64), self.num_devices)
+
+    def bucket_for(self, chunks: list[np.ndarray]) -> Bucket:
+        """Smallest bucket that holds every chunk of the global batch."""
+        n_node, n_edge = self.store.n_node, self.store.n_edge
+        return max((select_bucket(int(n_node[c].sum()), int(n_edge[c].sum()), len(c), self.buckets)
+                    for c in chunks), key=self.buckets.index)
+
+    def batch(self, indices: np.ndarray) -> jraph.GraphsTuple:
+        """This process's padded chunks of one global batch (store positions), stacked: every
+        leaf [L, ...] for L local devices."""
+        chunks = self.chunks(indices)
+        bucket = self.bucket_for(chunks)
+        padded = [pad_batch(self.store, chunks[d], bucket, self.target) for d in self.local_devices]
+        return jax.tree.map(lambda *xs: np.stack(xs), *padded)
+
+    def batches(self, seed: int | None, epoch: int, start: int = 0) -> Iterator[jraph.GraphsTuple]:
+        """Batches of ``epoch`` from batch number ``start`` on (resuming mid-epoch yields exactly
+        the tail of the uninterrupted sequence)."""
+        order = self.order(seed, epoch)
+        for b in range(start, self.num_batches()):
+            yield self.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+
+    def padding_efficiency(self, seed: int | None = 0, epoch: int = 0) -> dict[str, float]:
+        """Fraction of the padded node / edge / graph slots holding real data over one epoch."""
+        real, padded = np.zeros(3), np.zeros(3)
+        order = self.order(seed, epoch)
+        for b in range(self.num_batches()):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            bucket = self.bucket_for(self.chunks(batch))
+            real += [self.store.n_node[batch].sum(), self.store.n_edge[batch].sum(), len(batch)]
+            padded += np.array(bucket) * self.num_devices
+        return dict(zip(("nodes", "edges", "graphs"), (real / padded).tolist()))
 
 
-def iterate_batches(
-    store: GraphStore,
-    indices: np.ndarray,
-    batch_size: int,
-    buckets: Sequence[Bucket],
-    *,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    target_name: str | None,
-    start_batch: int = 0,
-    drop_remainder: bool = False,
-    num_devices: int | None = None,
-) -> Iterator[jraph.GraphsTuple]:
-    """Yields the padded batches of one epoch in a deterministic order.
+def make_plan(store: GraphStore, indices: np.ndarray, target: str | None, batch_size: int, num_buckets: int,
+              mesh: jax.sharding.Mesh, bucket_indices: np.ndarray | None = None) -> BatchPlan:
+    """A `BatchPlan` whose buckets come from the full size distribution of ``bucket_indices``
+    (default ``indices``) at this mesh's per-device batch size. Evaluation plans of all splits
+    share one ``bucket_indices`` so that they share shapes, hence compilations.
 
-    The order depends only on (indices, seed, epoch, shuffle); batch k holds
-    `epoch_order(...)[k * batch_size:(k + 1) * batch_size]`, so starting at `start_batch = k`
-    yields exactly the tail of the uninterrupted sequence (resuming mid-epoch).
-
-    Args:
-      store: the data set.
-      indices: positions in `store` forming the split.
-      batch_size: structures per (global) batch.
-      buckets: candidate shapes, smallest first (per device when `num_devices` is set).
-      seed: data seed.
-      epoch: epoch number (changes the shuffle).
-      shuffle: shuffle the split each epoch; False keeps `indices` order (evaluation).
-      target_name: key of `store.targets` for globals["target"].
-      start_batch: first batch to yield.
-      drop_remainder: skip a final batch smaller than `batch_size`.
-      num_devices: if set, each batch is split with `stack_device_batches` into a leading
-        [num_devices] axis.
-
-    Yields:
-      Padded GraphsTuples (see `pad_batch`).
+    Raises:
+      ValueError: if this process's devices are not contiguous in the mesh.
     """
-    order = epoch_order(indices, seed=seed, epoch=epoch, shuffle=shuffle)
-    n_node, n_edge = store.n_node, store.n_edge
-    for k in range(start_batch, num_batches(len(order), batch_size, drop_remainder)):
-        batch = order[k * batch_size:(k + 1) * batch_size]
-        if num_devices is not None:
-            yield stack_device_batches(store, batch, buckets, num_devices, target_name)
-        else:
-            bucket = select_bucket(int(n_node[batch].sum()), int(n_edge[batch].sum()), len(batch), buckets)
-            yield pad_batch(store, batch, bucket, target_name)
+    num_devices = mesh.devices.size
+    local = {d.id for d in jax.local_devices()}
+    positions = [i for i, d in enumerate(mesh.devices.flat) if d.id in local]
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        raise ValueError(f"this process's devices are not contiguous in the mesh: {positions}")
+    per_device = math.ceil(batch_size / num_devices)
+    indices = np.asarray(indices, np.int64)
+    buckets = choose_buckets(store, indices if bucket_indices is None else bucket_indices, per_device,
+                             max_buckets=num_buckets)
+    return BatchPlan(store, indices, target, batch_size, list(buckets), num_devices,
+                     range(positions[0], positions[-1] + 1))
+
+
+def device_batches(plan: BatchPlan, mesh: jax.sharding.Mesh, seed: int | None, epoch: int, start: int,
+                   buffer_size: int) -> Iterator[jraph.GraphsTuple]:
+    """Global device batches of ``epoch`` from batch ``start`` on, padded and transferred by a
+    background thread ahead of use (none if ``buffer_size`` is 0)."""
+    batches = (parallel.shard_batch(b, mesh) for b in plan.batches(seed, epoch, start))
+    return prefetch(batches, buffer_size) if buffer_size > 0 else batches
 
 
 _DONE = object()

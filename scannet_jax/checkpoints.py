@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -34,7 +34,8 @@ BEST_DIR = "best"
 
 # Config sections that must agree between a checkpoint and the run restoring it: anything else
 # (epochs, logging, checkpoint frequency, wall-time limit...) may change on resume.
-COMPATIBILITY_KEYS = ("model", "data.target", "data.featurizer", "data.ring", "optimizer.schedule")
+COMPATIBILITY_KEYS = ("model", "data.target", "data.graph_builder", "data.featurizer", "data.ring",
+                      "optimizer.schedule")
 
 
 class CheckpointError(RuntimeError):
@@ -244,8 +245,18 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
 
 
-def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, float] | None]:
-    """Reads the parameters of a run (to predict with or fine-tune from) as numpy arrays.
+class Pretrained(NamedTuple):
+    """What `load_pretrained` reads: the saved model config, params, target scaler
+    (``{"mean", "std"}``, None if absent) and the network's other variables (``{}`` if none)."""
+
+    model_config: dict[str, Any]
+    params: Any
+    scaler: dict[str, float] | None
+    model_state: Any
+
+
+def load_pretrained(path: str | Path) -> Pretrained:
+    """Reads the variables of a run (to predict with or fine-tune from) as numpy arrays.
 
     The arrays are restored onto this process's first device whatever the device count or
     number of hosts of the run that saved them, then copied to the host.
@@ -255,8 +266,8 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, fl
         ``checkpoints``/``best`` directory, or one step directory inside them.
 
     Returns:
-      ``(model_config, params, scaler)``: the model section of the saved config, the params
-      pytree, and ``{"mean", "std"}`` of the saved target scaler (None if absent).
+      `Pretrained`: the model section of the saved config, the params pytree, the saved target
+      scaler and the non-parameter variables.
 
     Raises:
       CheckpointError: if ``path`` holds no readable checkpoint.
@@ -293,4 +304,70 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, fl
     scaler = None
     if "target_mean" in tree:
         scaler = {"mean": float(np.asarray(tree["target_mean"])), "std": float(np.asarray(tree["target_std"]))}
-    return meta.get("config", {}).get("model", {}), params, scaler
+    return Pretrained(meta.get("config", {}).get("model", {}), params, scaler, tree.get("model_state") or {})
+
+
+ORIGINAL_WEIGHT_SUFFIXES = (".npz", ".h5", ".hdf5")
+
+
+def load_init_params(path: str | Path, params: Any, model_config_here: dict[str, Any] | None = None) -> Any:
+    """Parameters to fine-tune from (``config.init_from``), checked against ``params``.
+
+    Args:
+      path: a workdir or checkpoint directory of a run (`load_pretrained`), or the original
+        code's weights (``.npz`` / Keras-2 ``.h5``, `convert.load_original_weights`).
+      params: freshly initialised params of the network to train (the target structure).
+      model_config_here: the model config of the network to train (compared in the error message).
+
+    Returns:
+      The loaded params with the dtypes of ``params``; element tables with fewer rows than
+      ``params``' are widened (`grow_embeddings`).
+
+    Raises:
+      ValueError: if the architectures differ, naming the model keys and the parameters that do.
+    """
+    if Path(path).suffix in ORIGINAL_WEIGHT_SUFFIXES:
+        from scannet_jax import convert
+
+        model_config, loaded = convert.load_original_weights(path)
+        model_config = model_config.to_dict()
+    else:
+        model_config, loaded = load_pretrained(path)[:2]
+    loaded = grow_embeddings(loaded, params, path)
+    ours = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    theirs = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    problems = [f"{k}: {theirs.get(k, 'absent')} in {path}, {ours.get(k, 'absent')} here"
+                for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if problems:
+        saved, here = dict(model_config), dict(model_config_here or {})
+        differ = {k: (saved[k], here[k]) for k in saved if k in here and saved[k] != here[k]}
+        raise ValueError(f"config.init_from={path}: architecture differs from config.model (model keys saved vs "
+                         f"here: {differ}); {len(problems)} parameter(s) differ: " + "; ".join(problems[:10]))
+    return jax.tree.map(lambda new, old: np.asarray(new, dtype=old.dtype), loaded, params)
+
+
+def grow_embeddings(loaded: Any, params: Any, path: str | Path) -> Any:
+    """``loaded`` with every element table (a 2-D leaf named ``embedding``) widened to the rows
+    of the same leaf in ``params``, where it has fewer.
+
+    The original's QM9 models embed only Z < 10; ours embed Z = 1..94. Rows the loaded table
+    lacks keep their fresh initialisation in ``params`` (elements the loaded model never saw).
+    """
+
+    def grow(keys: tuple, table: Any, fresh: Any) -> Any:
+        if (keys[-1] != "embedding" or fresh is None or np.ndim(table) != 2
+                or np.shape(fresh)[1:] != np.shape(table)[1:] or np.shape(table)[0] >= np.shape(fresh)[0]):
+            return table
+        rows, wanted = np.shape(table)[0], np.shape(fresh)[0]
+        grown = np.array(fresh, dtype=np.asarray(table).dtype)
+        grown[:rows] = table
+        log.info("config.init_from=%s: element table %s has %d rows (Z < %d); rows %d..%d keep their fresh "
+                 "initialisation", path, "/".join(keys), rows, rows, rows, wanted - 1)
+        return grown
+
+    def walk(tree: Any, fresh: Any, keys: tuple) -> Any:
+        if isinstance(tree, dict):
+            return {k: walk(v, fresh.get(k) if isinstance(fresh, dict) else None, keys + (k,)) for k, v in tree.items()}
+        return grow(keys, tree, fresh)
+
+    return walk(dict(loaded), dict(params), ())

@@ -34,6 +34,7 @@ import jraph
 import ml_collections
 import numpy as np
 
+from scannet_jax import models
 from scannet_jax.models import ScannConfig, default_model_config, scann_config
 
 ORIGINAL_IGNORED_KEYS = ("scale",)  # read by the original's config but not used by its model
@@ -213,6 +214,7 @@ def model_config_from_original(original: Mapping[str, Any]) -> ml_collections.Co
     if unknown:
         raise ValueError(f"original config: unknown model key(s) {unknown}")
     config.update(model)
+    config.name = models.model_name({"g_update": config.g_update})
     config.relu_output = hyper.get("target") == "e_b"
     return config
 
@@ -231,6 +233,8 @@ def _as_model_config(config: Any) -> ml_collections.ConfigDict:
         return model_config_from_original(values)
     merged = default_model_config()
     merged.update(values)
+    if "name" not in values:
+        merged.name = models.model_name({"g_update": merged.g_update})
     return merged
 
 

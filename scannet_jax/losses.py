@@ -86,12 +86,25 @@ def original_loss(
       perfect fit or an empty mask gives 0, not NaN.
     """
     errors = _masked_errors(predictions, targets, graph_mask)
-    count = jnp.maximum(jnp.sum(graph_mask), 1).astype(jnp.float32)
-    mse = jnp.sum(errors**2) / count
-    safe_mse = jnp.where(mse > 0, mse, 1.0)
-    rmse = jnp.where(mse > 0, jnp.sqrt(safe_mse), 0.0)
+    rmse = rmse_from_sums(jnp.sum(errors**2), jnp.sum(graph_mask).astype(jnp.float32))
     penalty = l2_penalty(params, l2) if l2 else jnp.float32(0.0)
     return rmse + penalty, {"rmse": rmse, "l2": penalty}
+
+
+def rmse_from_sums(squared_error_sum: jax.Array, count: jax.Array) -> jax.Array:
+    """sqrt(squared_error_sum / max(count, 1)), with a gradient guarded so that a perfect fit or
+    an empty batch gives 0, not NaN (the original's RMSE loss)."""
+    mse = squared_error_sum / jnp.maximum(count, 1.0)
+    return jnp.where(mse > 0, jnp.sqrt(jnp.where(mse > 0, mse, 1.0)), 0.0)
+
+
+def mse_from_sums(squared_error_sum: jax.Array, count: jax.Array) -> jax.Array:
+    """squared_error_sum / max(count, 1): the mean squared error (ALIGNN's and MEGNet's loss)."""
+    return squared_error_sum / jnp.maximum(count, 1.0)
+
+
+# config.loss -> the loss of a (global) batch from its summed squared error and count.
+LOSSES = {"rmse": rmse_from_sums, "mse": mse_from_sums}
 
 
 def metric_sums(predictions: jax.Array, targets: jax.Array, graph_mask: jax.Array) -> dict[str, jax.Array]:

@@ -1,8 +1,15 @@
-"""SCANN, SCANN+ and GAMNet as one Flax Linen module over padded jraph GraphsTuples.
+"""The network registry, and SCANN, SCANN+ and GAMNet as one Flax Linen module.
+
+``MODELS`` maps a network name (``config.model.name``) to a `ModelSpec`: how to build the
+module from the model config, its regulariser and whether it scores atoms. Training,
+evaluation, prediction, checkpoints and fine-tuning go through `get_spec` / `build_model` only,
+so a new network plugs in with one `register` call (docs/architecture.md). Every registered
+module follows one contract: ``module.apply(variables, graphs, train=..., rngs=...)`` returns
+``(predictions [G], node_scores [N] or None)``, predictions in standardised target units.
 
 ``build_model(model_config)`` is the only place that reads a model config (an ml-collections
-``ConfigDict`` or a plain dict with the keys of ``default_model_config``); the module itself takes
-a frozen ``ScannConfig``. Reference: ``shared/docs/scann-reference.md`` §2.
+``ConfigDict`` or a plain dict); SCANN's module itself takes a frozen ``ScannConfig``.
+Reference: ``shared/docs/scann-reference.md`` §2.
 
 Input contract (docs/architecture.md): a GraphsTuple padded with ``jraph.pad_with_graphs``
 (real graphs first, then one graph holding every padding node and edge, then empty graphs) with
@@ -16,8 +23,8 @@ always taken as padding, so an unpadded GraphsTuple loses its last structure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,7 +33,7 @@ import jraph
 import ml_collections
 import numpy as np
 
-from scannet_jax import layers
+from scannet_jax import layers, losses
 
 # Activations sown as one dict, ``intermediates["activations"][0]``, named as the fixture's
 # ``act/…`` arrays; per block b also ``block{b}_`` + each of BLOCK_ACTIVATIONS. Node arrays are
@@ -106,20 +113,82 @@ class ScannConfig:
             raise ValueError(f"model config: dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-    """The QM9 configuration of the original (reference §2), with a 95-row embedding table."""
-    return ml_collections.ConfigDict(dataclasses.asdict(ScannConfig()))
+class ModelSpec(NamedTuple):
+    """What the trainer and the predictor need to know of one registered network.
+
+    Attributes:
+      build: model config (a dict with its ``name``) -> Flax module following the contract of
+        the module docstring.
+      default_config: the network's default model config (without ``name``).
+      regularizer: ``(params, coeff) -> float32 scalar`` added to the loss (e.g. SCANN's L2 on
+        the original's kernels).
+      node_scores: name of the per-atom output (``"ga_score"``), or None if the network has none.
+      num_elements: model config -> number of embedding rows (atoms with Z >= this cannot be
+        predicted).
+    """
+
+    build: Callable[[dict[str, Any]], nn.Module]
+    default_config: Callable[[], dict[str, Any]]
+    regularizer: Callable[[Any, float], jax.Array]
+    node_scores: str | None
+    num_elements: Callable[[dict[str, Any]], int]
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(name: str, spec: ModelSpec) -> None:
+    """Adds a network to ``MODELS`` under ``name`` (``config.model.name``)."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    MODELS[name] = spec
+
+
+def model_name(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
+    """The network a model config names. Configs saved before the registry existed have no
+    ``name`` and are SCANN+ or SCANN by their ``g_update``."""
+    values = _as_dict(model_config)
+    if "name" in values:
+        return str(values["name"])
+    return "scannplus" if values.get("g_update", True) else "scann"
+
+
+def get_spec(model_config: Mapping[str, Any] | ml_collections.ConfigDict | str) -> ModelSpec:
+    """The `ModelSpec` of a model config (or of a network name).
+
+    Raises:
+      ValueError: for an unknown name, listing the registered ones.
+    """
+    name = model_config if isinstance(model_config, str) else model_name(model_config)
+    if name not in MODELS:
+        raise ValueError(f"config.model.name={name!r}: unknown network; registered: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def _as_dict(model_config: Any) -> dict[str, Any]:
+    if isinstance(model_config, ml_collections.ConfigDict):
+        return model_config.to_dict()
+    if dataclasses.is_dataclass(model_config):
+        return dataclasses.asdict(model_config)
+    return dict(model_config)
+
+
+def default_model_config(name: str = "scannplus") -> ml_collections.ConfigDict:
+    """The default model config of network ``name``, with its ``name`` key (for SCANN: the
+    QM9 configuration of the original, reference §2, with a 95-row embedding table)."""
+    return ml_collections.ConfigDict({"name": name, **get_spec(name).default_config()})
 
 
 def scann_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> ScannConfig:
-    """Turns a model config (ConfigDict or dict) into a ``ScannConfig``.
+    """Turns a SCANN model config (ConfigDict or dict, with or without ``name``) into a ``ScannConfig``.
 
     Raises:
       ValueError: for a key that is not a ``ScannConfig`` field.
     """
     if isinstance(model_config, ScannConfig):
         return model_config
-    values = model_config.to_dict() if isinstance(model_config, ml_collections.ConfigDict) else dict(model_config)
+    values = _as_dict(model_config)
+    values.pop("name", None)
     known = {f.name for f in dataclasses.fields(ScannConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -127,9 +196,24 @@ def scann_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict) ->
     return ScannConfig(**values)
 
 
-def build_model(model_config: Mapping[str, Any] | ml_collections.ConfigDict | ScannConfig) -> "Scann":
-    """Builds the network described by ``model_config`` (keys of ``default_model_config``)."""
-    return Scann(config=scann_config(model_config))
+def check_name(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
+    """Raises ValueError if a run's model config names a SCANN variant its ``g_update``
+    contradicts (``scannplus`` has the geometry update, ``scann`` has not), or an unknown network."""
+    values = _as_dict(model_config)
+    name = model_name(values)
+    get_spec(name)
+    if name in _SCANN_G_UPDATE and "g_update" in values and values["g_update"] != _SCANN_G_UPDATE[name]:
+        raise ValueError(f"config.model: name={name!r} needs g_update={_SCANN_G_UPDATE[name]}, "
+                         f"got g_update={values['g_update']}")
+
+
+def build_model(model_config: Mapping[str, Any] | ml_collections.ConfigDict | ScannConfig) -> nn.Module:
+    """Builds the network a model config describes (``name`` picks it from ``MODELS``)."""
+    if isinstance(model_config, ScannConfig):
+        return Scann(config=model_config)
+    values = _as_dict(model_config)
+    values.setdefault("name", model_name(values))
+    return get_spec(values).build(values)
 
 
 def _identity_grad_relu(x: jax.Array) -> jax.Array:
@@ -250,3 +334,21 @@ class Scann(nn.Module):
 def _keras_embedding_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Keras ``Embedding`` default: uniform on [-0.05, 0.05]."""
     return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
+
+
+# SCANN+ updates the edge geometry in every block (Ω weights); SCANN / GAMNet does not (ρ weights).
+_SCANN_G_UPDATE = {"scannplus": True, "scann": False}
+
+
+def _scann_spec(g_update: bool) -> ModelSpec:
+    return ModelSpec(
+        build=lambda values: Scann(config=scann_config({"g_update": g_update, **values})),
+        default_config=lambda: dataclasses.asdict(ScannConfig(g_update=g_update)),
+        regularizer=losses.l2_penalty,
+        node_scores="ga_score",
+        num_elements=lambda values: int(values.get("n_atoms", ScannConfig.n_atoms)),
+    )
+
+
+for _name, _g_update in _SCANN_G_UPDATE.items():
+    register(_name, _scann_spec(_g_update))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import weakref
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase.data import chemical_symbols
 
-from scannet_jax import batching, checkpoints, models
+from scannet_jax import batching, checkpoints, models, structures, train
 from scannet_jax.batching import Bucket
 from scannet_jax.datasets import featurize
 from scannet_jax.graphs import Domain, GraphStore
@@ -58,11 +57,12 @@ class Prediction:
 
     Attributes:
       value: the prediction in target units (model output · std + mean).
-      ga_scores: float64 [N], global-attention score of each atom; sums to 1.
+      ga_scores: float64 [N], global-attention score of each atom (sums to 1), or None for a
+        network that scores no atoms (``models.ModelSpec.node_scores``).
     """
 
     value: float
-    ga_scores: np.ndarray
+    ga_scores: np.ndarray | None
 
 
 def _find_workdir(path: Path) -> Path:
@@ -97,6 +97,7 @@ class Predictor:
     Args:
       model_config: the model section of the training config (``models.build_model``).
       params: the Flax params pytree.
+      model_state: the network's other variables (e.g. ``batch_stats``), ``{}`` if none.
       settings: featuriser settings of the training run.
       ring: compute the ring/aromatic atom flags (``config.data.ring``).
       target: name of the predicted quantity (``atoms.info`` key with ``write=True``).
@@ -108,10 +109,13 @@ class Predictor:
         structures (default: all cores); the pool persists until ``close()``.
     """
 
-    def __init__(self, model_config: Any, params: Any, *, settings: FeaturizerSettings, ring: bool = False,
-                 target: str = "y", units: str = "", mean: float = 0.0, std: float = 1.0,
+    def __init__(self, model_config: Any, params: Any, *, model_state: Any = None, settings: FeaturizerSettings,
+                 ring: bool = False, target: str = "y", units: str = "", mean: float = 0.0, std: float = 1.0,
                  domain: Domain = Domain(), batch_size: int = 128, num_workers: int | None = None):
-        self.model_config = models.scann_config(model_config)
+        self.model_config = models._as_dict(model_config)
+        self.model_config.setdefault("name", models.model_name(self.model_config))
+        self.spec = models.get_spec(self.model_config)
+        self.num_elements = self.spec.num_elements(self.model_config)
         self.settings = settings
         self.ring = ring
         self.target, self.units = target, units
@@ -119,20 +123,20 @@ class Predictor:
         self.domain = domain
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        self._pool = None
+        self.featurizer = featurize.Featurizer(settings, ring=ring, num_workers=self.num_workers,
+                                               min_parallel=PARALLEL_THRESHOLD)
+        weakref.finalize(self, self.featurizer.close)
         self.buckets = {
             1: _ladder(2, domain.max_atoms + 1),
             batch_size: _ladder(batch_size + 1, batch_size * domain.max_atoms + 1),
         }
         model = models.build_model(self.model_config)
-        self._params = jax.device_put(jax.tree.map(jnp.asarray, params))
-        scale = np.float32(self.std), np.float32(self.mean)
-
-        def apply(params, graphs):
-            predictions, ga_scores = model.apply({"params": params}, graphs, train=False)
-            return predictions * scale[0] + scale[1], ga_scores
-
-        self._apply = jax.jit(apply)
+        variables = {"params": params, **(model_state or {})}
+        self._variables = jax.device_put(jax.tree.map(jnp.asarray, variables))
+        scale = np.float32(self.mean), np.float32(self.std)
+        self._trace = train.TraceCounter(
+            lambda variables, graphs: train.model_outputs(model.apply, variables, graphs, *scale))
+        self._apply = jax.jit(self._trace)
 
     # ---------------------------------------------------------------------------------------
     # Construction.
@@ -159,12 +163,14 @@ class Predictor:
             raise FileNotFoundError(f"{domain_file}: missing; it records the elements and periodicity the "
                                     "model was trained on (written at the start of training)")
         domain = Domain.from_json(json.loads(domain_file.read_text()))
-        _, params, scaler = checkpoints.load_pretrained(path)
+        pretrained = checkpoints.load_pretrained(path)
+        scaler = pretrained.scaler
         scaler_file = workdir / checkpoints.SCALER_FILE
         saved = json.loads(scaler_file.read_text()) if scaler_file.is_file() else {}
         scaler = scaler or {"mean": saved.get("mean", 0.0), "std": saved.get("std", 1.0)}
         data = config["data"]
-        return cls(config["model"], params, settings=FeaturizerSettings(**data["featurizer"]),
+        return cls(config["model"], pretrained.params, model_state=pretrained.model_state,
+                   settings=featurize.graph_settings(data.get("graph_builder", "voronoi"), data["featurizer"]),
                    ring=bool(data.get("ring", False)), target=data["target"],
                    units=saved.get("units", data.get("units", "")), mean=scaler["mean"], std=scaler["std"],
                    domain=domain, **kwargs)
@@ -188,7 +194,7 @@ class Predictor:
     @property
     def num_compiles(self) -> int:
         """Compilations of the jitted model so far (one per padded shape used)."""
-        return self._apply._cache_size()
+        return self._trace.count
 
     def check(self, atoms: ase.Atoms, allow_unseen_elements: bool = False) -> None:
         """Raises StructureError if ``atoms`` is outside what the model can be applied to.
@@ -210,10 +216,10 @@ class Predictor:
             given = f"a periodic structure (pbc={atoms.pbc.tolist()})" if periodic else "a non-periodic structure"
             raise StructureError(f"{given} given to {kind}")
         z = atoms.numbers
-        bad = np.flatnonzero(z >= self.model_config.n_atoms)
+        bad = np.flatnonzero(z >= self.num_elements)
         if bad.size:
             raise StructureError(f"atom {bad[0]} is {chemical_symbols[z[bad[0]]]} (Z={z[bad[0]]}); the model embeds "
-                                 f"only Z < {self.model_config.n_atoms}")
+                                 f"only Z < {self.num_elements}")
         if self.domain.elements is not None and not allow_unseen_elements:
             unseen = sorted(set(z.tolist()) - self.domain.elements)
             if unseen:
@@ -275,24 +281,16 @@ class Predictor:
     def _featurize(self, atoms_list: list[ase.Atoms]) -> list[featurize.Featurized | StructureError]:
         """Neighbours (and ring flags) of each structure; a failure becomes a StructureError.
 
-        Lists of at least ``PARALLEL_THRESHOLD`` structures go to a pool of ``num_workers``
-        processes, started ("spawn") on first use and kept for later calls.
+        Lists of at least ``PARALLEL_THRESHOLD`` structures go to the featuriser's pool of
+        ``num_workers`` processes, started on first use and kept for later calls.
         """
-        tasks = [(featurize.Structure(a.numbers, a.positions, a.cell.array if any(a.pbc) else None,
-                                      tuple(bool(p) for p in a.pbc)), self.settings, self.ring) for a in atoms_list]
-        if self.num_workers > 1 and len(tasks) >= PARALLEL_THRESHOLD:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
-                weakref.finalize(self, self._pool.terminate)
-            chunksize = max(8, math.ceil(len(tasks) / (8 * self.num_workers)))
-            return self._pool.map(_featurize_task, tasks, chunksize=chunksize)
-        return [_featurize_task(task) for task in tasks]
+        results = self.featurizer.map([structures.from_atoms(a) for a in atoms_list])
+        return [StructureError(f"featurisation failed: {r.reason}") if isinstance(r, featurize.FeaturizationError)
+                else r for r in results]
 
     def close(self) -> None:
         """Stops the featurisation worker processes (if any were started)."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        self.featurizer.close()
 
     def bucket_for(self, n_node: int, n_edge: int, n_graph: int) -> Bucket:
         """The padded shape of a batch with these real totals (ladder, or its own size)."""
@@ -311,20 +309,12 @@ class Predictor:
             indices = order[start:start + self.batch_size]
             bucket = self.bucket_for(int(n_node[indices].sum()), int(n_edge[indices].sum()), len(indices))
             graphs = batching.pad_batch(store, indices, bucket, None)
-            values, ga = jax.device_get(self._apply(self._params, graphs))
+            values, scores = jax.device_get(self._apply(self._variables, graphs))
             ends = np.cumsum(n_node[indices])
             for k, (s, end) in enumerate(zip(indices, ends)):
-                out[s] = Prediction(float(values[k]), np.asarray(ga[end - n_node[s]:end], np.float64))
+                atom_scores = None if scores is None else np.asarray(scores[end - n_node[s]:end], np.float64)
+                out[s] = Prediction(float(values[k]), atom_scores)
         return out
-
-
-def _featurize_task(task: tuple[featurize.Structure, FeaturizerSettings, bool]
-                    ) -> featurize.Featurized | StructureError:
-    structure, settings, ring = task
-    try:
-        return featurize.featurize_one(structure, settings, ring)
-    except (ValueError, RuntimeError) as err:  # scipy's QhullError is a RuntimeError
-        return StructureError(f"featurisation failed: {err}")
 
 
 def top_atoms(atoms: ase.Atoms, ga_scores: np.ndarray, k: int = 3) -> list[tuple[int, str, float]]:

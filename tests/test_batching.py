@@ -1,4 +1,4 @@
-"""Tests for scannet_jax.batching: bucket choice, padding layout/invariance, masks, iteration."""
+"""Tests for scannet_jax.batching: bucket choice, padding layout/invariance, masks, the batch plan."""
 
 import itertools
 import threading
@@ -90,6 +90,11 @@ def test_worst_case_bucket_fits_the_largest_structures(store):
         batching.pad_batch(store, batch, worst, "homo")  # raises if it does not fit
 
 
+def _one_device(plan_batches):
+    """The single device's GraphsTuple of each stacked batch."""
+    return (jax.tree.map(lambda x: x[0], b) for b in plan_batches)
+
+
 def test_choose_buckets_fits_every_batch_and_pads_little(store):
     train = np.arange(2500)
     buckets = batching.choose_buckets(store, train, 32, max_buckets=4)
@@ -98,50 +103,55 @@ def test_choose_buckets_fits_every_batch_and_pads_little(store):
     assert [b.n_edge for b in buckets] == sorted(b.n_edge for b in buckets)
     assert buckets[-1] == batching.worst_case_bucket(store, train, 32)
     assert batching.choose_buckets(store, train, 32) == buckets  # deterministic
+    plan = batching.BatchPlan(store, train, "homo", 32, buckets)
     real = padded = 0
     shapes = set()
     for epoch in range(3):
-        for graphs in batching.iterate_batches(store, train, 32, buckets, seed=1, epoch=epoch, target_name="homo"):
+        for graphs in _one_device(plan.batches(1, epoch)):
             shapes.add((graphs.n_node.shape, graphs.senders.shape))
             real += int(graphs.n_edge[graphs.globals["index"] >= 0].sum())
             padded += graphs.senders.shape[0]
     assert len(shapes) <= 4
     assert real / padded > 0.85
+    efficiency = plan.padding_efficiency(1, 0)
+    assert 0.85 < efficiency["edges"] <= 1 and 0 < efficiency["nodes"] <= 1
 
 
 def test_iteration_is_deterministic_and_resumable(store):
     idx = np.arange(0, 3000, 3)
-    buckets = batching.choose_buckets(store, idx, 64)
-    kwargs = dict(seed=7, epoch=2, target_name="homo")
-    full = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, **kwargs)]
-    again = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, **kwargs)]
-    resumed = [g.globals["index"] for g in batching.iterate_batches(store, idx, 64, buckets, start_batch=5,
-                                                                      **kwargs)]
-    assert len(full) == batching.num_batches(len(idx), 64) == 16
+    plan = batching.BatchPlan(store, idx, "homo", 64, batching.choose_buckets(store, idx, 64))
+    full = [g.globals["index"] for g in _one_device(plan.batches(7, 2))]
+    again = [g.globals["index"] for g in _one_device(plan.batches(7, 2))]
+    resumed = [g.globals["index"] for g in _one_device(plan.batches(7, 2, start=5))]
+    assert len(full) == plan.num_batches() == batching.num_batches(len(idx), 64) == 16
     assert all(np.array_equal(a, b) for a, b in zip(full, again))
     assert len(resumed) == 11 and all(np.array_equal(a, b) for a, b in zip(full[5:], resumed))
     seen = np.concatenate([i[i >= 0] for i in full])
     assert sorted(seen) == sorted(store.index[idx])  # every structure once, last batch partial
-    other_epoch = next(batching.iterate_batches(store, idx, 64, buckets, seed=7, epoch=3, target_name="homo"))
+    other_epoch = next(_one_device(plan.batches(7, 3)))
     assert not np.array_equal(other_epoch.globals["index"], full[0])
-    in_order = next(batching.iterate_batches(store, idx, 64, buckets, seed=7, epoch=2, shuffle=False,
-                                             target_name="homo"))
+    in_order = next(_one_device(plan.batches(None, 2)))  # no seed: the split's own order
     assert in_order.globals["index"][:64].tolist() == idx[:64].tolist()
 
 
-def test_stack_device_batches_splits_a_global_batch(store):
+def test_plan_splits_a_global_batch_over_devices(store):
     idx = np.arange(40, 80)
     buckets = batching.choose_buckets(store, np.arange(len(store)), 10)
-    stacked = batching.stack_device_batches(store, idx, buckets, 4, "homo")
+    plan = batching.BatchPlan(store, idx, "homo", 40, buckets, num_devices=4, local_devices=range(4))
+    stacked = plan.batch(idx)
     assert stacked.n_node.shape == (4, 11) and stacked.nodes["atomic_numbers"].ndim == 2
     bucket = Bucket(stacked.nodes["atomic_numbers"].shape[1], stacked.senders.shape[1], 11)
-    assert bucket in buckets
+    assert bucket in buckets and bucket == plan.bucket_for(plan.chunks(idx))
     for d in range(4):
         want = batching.pad_batch(store, idx[10 * d:10 * d + 10], bucket, "homo")
         for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
             np.testing.assert_array_equal(x[d], y)
-    batches = list(batching.iterate_batches(store, idx, 20, buckets, seed=0, epoch=0, shuffle=False,
-                                            target_name="homo", num_devices=2))
+    # a process feeding devices 2 and 3 of 4 pads only their chunks, with the global bucket
+    mine = batching.BatchPlan(store, idx, "homo", 40, buckets, num_devices=4, local_devices=range(2, 4)).batch(idx)
+    for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(x, y[2:])
+    two = batching.BatchPlan(store, idx, "homo", 20, buckets, num_devices=2, local_devices=range(2))
+    batches = list(two.batches(None, 0))
     assert len(batches) == 2 and batches[0].n_node.shape == (2, 11)
 
 

@@ -98,7 +98,7 @@ def test_best_params_and_load_pretrained(tmp_path):
     ckpt.wait_until_finished()
     assert ckpt.best_meta()["val_mae"] == 0.1
     ckpt.close()
-    model_config, params, scaler = checkpoints.load_pretrained(tmp_path)
+    model_config, params, scaler, _ = checkpoints.load_pretrained(tmp_path)
     assert model_config == CONFIG["model"]
     np.testing.assert_array_equal(params["dense"]["kernel"], best["params"]["dense"]["kernel"])
     assert scaler == {"mean": -6.5, "std": pytest.approx(0.6)}

@@ -53,7 +53,7 @@ def direct_predictions(workdir: Path, config, store) -> np.ndarray:
     """model.apply on the cached training-path graphs of ``store`` with the best params, in eV."""
     from scannet_jax import batching, checkpoints, models
 
-    _, params, scaler = checkpoints.load_pretrained(workdir)
+    _, params, scaler, _ = checkpoints.load_pretrained(workdir)
     bucket = batching.Bucket(int(store.n_node.sum()) + 1, int(store.n_edge.sum()), len(store) + 1)
     graphs = batching.pad_batch(store, np.arange(len(store)), bucket, None)
     values, _ = models.build_model(config.model).apply({"params": params}, graphs)

@@ -99,15 +99,15 @@ def test_one_legacy_adam_step_matches_keras(variant):
 
     Keras-2 legacy Adam updates w ← w − lr_t·m / (sqrt(v) + ε) with
     lr_t = lr/(1 + decay·t)·sqrt(1 − β2^(t+1))/(1 − β1^(t+1)): ε is added to the root of the
-    *uncorrected* v (``train.scale_by_keras_adam``); at the first step the decay is still 1.
+    *uncorrected* v (``optim.scale_by_keras_adam``); at the first step the decay is still 1.
     """
-    from scannet_jax import train
+    from scannet_jax import optim
 
     data, _, model, params, graphs, _ = setup(variant)
     loss = loss_fn(variant)
     (total, _), grads = value_and_grad_fn(variant)(params)
     assert float(total) == pytest.approx(float(data["train_step_loss_reported"]), rel=1e-5)
-    optimizer = optax.chain(train.scale_by_keras_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
+    optimizer = optax.chain(optim.scale_by_keras_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     new_params = optax.apply_updates(params, updates)
     predictions, _ = jax.jit(model.apply)({"params": new_params}, graphs)
@@ -120,7 +120,7 @@ def test_keras_adam_follows_the_keras_update_rule_over_many_steps():
     """Keras-2's ResourceApplyAdam written out in float64 NumPy: m, v uncorrected, ε added to
     sqrt(v), the bias corrections folded into the rate. Gradients span 1e-9..1 so that the place
     of ε matters (optax's Adam differs by up to 25 % on the small ones)."""
-    from scannet_jax import train
+    from scannet_jax import optim
 
     rng = np.random.default_rng(0)
     grads = rng.normal(size=(30, 6)) * np.array([1e-9, 1e-7, 1e-6, 1e-4, 1e-2, 1.0])
@@ -130,7 +130,7 @@ def test_keras_adam_follows_the_keras_update_rule_over_many_steps():
     for t, g in enumerate(grads, start=1):
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         expected.append(np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps))
-    adam = train.scale_by_keras_adam(b1, b2, eps)
+    adam = optim.scale_by_keras_adam(b1, b2, eps)
     state = adam.init(jnp.zeros(6))
     got = []
     for g in grads:

@@ -191,14 +191,15 @@ def test_featurisation_error_names_file_and_frame(tmp_path, monkeypatch):
 
 
 def md_load_from_config(config, settings, **data_overrides):
-    """``train.load_store`` of ``config`` with ``FakeSettings`` in place of the featuriser's."""
+    """``train.get_datasets`` of ``config`` with ``FakeSettings`` in place of the featuriser's."""
     from scannet_jax import train
 
     config = config.copy_and_resolve_references()
     config.data.update(data_overrides)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("scannet_jax.neighbors.FeaturizerSettings", lambda **_: settings)
-        return train.load_store(config)
+        patch.setattr("scannet_jax.datasets.featurize.graph_settings", lambda *_: settings)
+        data = train.get_datasets(config)
+    return data.store, data.splits
 
 
 def test_configs_load_through_md_load(tmp_path, monkeypatch):
@@ -357,6 +358,6 @@ def test_unknown_data_set_names_the_known_ones():
 
     config = fullerene.get_config("homo")
     config.data.dataset = "fulerene"
-    with pytest.raises(ValueError, match=r"dataset='fulerene': unknown data set; known: qm9, fullerene, "
-                                         r"pt_graphene, files"):
+    with pytest.raises(ValueError, match=r"dataset='fulerene': unknown data set; known: files, fullerene, "
+                                         r"pt_graphene, qm9"):
         train.get_datasets(config)

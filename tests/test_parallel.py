@@ -71,22 +71,17 @@ def one_step(out: str) -> None:
     from scannet_jax import parallel, train
 
     config = tiny_config()
+    config.batch_size = config.eval_batch_size = 28
+    config.num_buckets = 1
     store = fixture_store()
-    mesh = parallel.make_mesh()
-    plan = train.make_plan(store, "y", len(store), 1, mesh)
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, steps_per_epoch=1)
-    local_batch = plan.batch(np.arange(len(store)))
-    example = jax.tree.map(lambda x: x[0], local_batch)
-    finite = np.isfinite(store.targets["y"])
-    state = train.create_train_state(config, model, tx, example,
-                                     store.targets["y"][finite].mean(), store.targets["y"][finite].std())
-    state = parallel.replicate(state, mesh)
+    everything = np.arange(len(store))
+    data = train.make_datasets(store, {"train": everything, "validation": everything, "test": everything}, "y")
+    trainer = train.setup(config, data)
+    state, mesh = trainer.state, trainer.mesh
     initial = {f"init/{jax.tree_util.keystr(k)}": np.asarray(v)
                for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
-    steps = train.make_steps(mesh, config.optimizer.l2)
-    batch = parallel.shard_batch(local_batch, mesh)
-    state, metrics = steps.train(state, batch)
+    batch = parallel.shard_batch(trainer.train_plan.batch(everything), mesh)
+    state, metrics = trainer.steps.train(state, batch)
     flat = {jax.tree_util.keystr(k): parallel.to_host(v)
             for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
     metrics = {f"metric/{k}": v for k, v in parallel.to_host(metrics).items()}

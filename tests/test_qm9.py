@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scannet_jax import graphs
+from scannet_jax import datasets, graphs
 from scannet_jax.datasets import featurize, qm9
 from scannet_jax.graphs import GraphStore
+from scannet_jax.structures import molecule
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 
@@ -33,7 +34,7 @@ def test_read_slice_counts_and_units(first200):
     assert set(mol.targets) == {"homo", "lumo", "gap", "alpha", "cv", "mu", "zpve", "u0", "r2"}
     assert mol.positions.shape == (mol.atom_ptr[-1], 3)
     s = mol.structure(2)
-    assert s.numbers.tolist() == [8, 1, 1] and s.cell is None
+    assert s.numbers.tolist() == [8, 1, 1] and not s.periodic and not s.cell.any()
 
 
 def test_read_full_dataset_count_and_unique_index():
@@ -102,7 +103,7 @@ def test_featurize_errors_name_the_structure(monkeypatch):
         return None
 
     monkeypatch.setattr(featurize, "featurize_one", fail_on_oxygen)
-    structures = [featurize.Structure(np.array([z, 1]), np.array([[0.0, 0, 0], [0, 0, 1.0]])) for z in (6, 7, 8)]
+    structures = [molecule(np.array([z, 1]), np.array([[0.0, 0, 0], [0, 0, 1.0]])) for z in (6, 7, 8)]
     with pytest.raises(featurize.FeaturizationError, match="structure 2: ValueError: no Voronoi cell"):
         list(featurize.featurize_structures(structures, None, num_workers=1, progress=False))
 
@@ -218,13 +219,13 @@ def test_tfds_builder_round_trip_without_tensorflow(tmp_path, settings, first200
 def test_load_qm9_builds_once_then_loads_the_cache(tmp_path, settings):
     import time
 
-    store, splits = qm9.load_qm9(settings, cache_dir=tmp_path, limit=100, num_workers=2)
+    store, splits = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100), cache_dir=tmp_path, num_workers=2)
     assert len(store) == 100 and {k: len(v) for k, v in splits.items()} == {"train": 80, "validation": 10,
                                                                          "test": 10}
     keyed = featurize.cache_path(tmp_path, "qm9-first100", settings, ring=False)
     assert (keyed / "graphs" / "manifest.json").exists() and (keyed / "tfds").is_dir()
     start = time.perf_counter()
-    again, splits_again = qm9.load_qm9(settings, cache_dir=tmp_path, limit=100)
+    again, splits_again = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100), cache_dir=tmp_path)
     assert time.perf_counter() - start < 5
     np.testing.assert_array_equal(again.distances, store.distances)
     assert all(np.array_equal(splits[k], splits_again[k]) for k in splits)

@@ -37,9 +37,10 @@ def fixture_datasets(nan_target_at: int | None = None):
         y[nan_target_at] = np.nan
     train_idx = np.arange(20)
     finite = y[train_idx][np.isfinite(y[train_idx])]
-    return train.Datasets(train=store.subset(train_idx), validation=store.subset(np.arange(20, 24)),
-                          test=store.subset(np.arange(24, 28)), target="y",
-                          mean=float(finite.mean()), std=float(finite.std()))
+    data = train.make_datasets(store, {"train": train_idx, "validation": np.arange(20, 24),
+                                       "test": np.arange(24, 28)}, "y")
+    assert (data.mean, data.std) == (float(finite.mean()), float(finite.std()))
+    return data
 
 
 def fixture_config(**overrides):
@@ -81,7 +82,7 @@ def _final_params(workdir: Path) -> dict[str, np.ndarray]:
     from scannet_jax import checkpoints
 
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    _, params, _ = checkpoints.load_pretrained(workdir / "checkpoints" / str(steps[-1]))
+    params = checkpoints.load_pretrained(workdir / "checkpoints" / str(steps[-1])).params
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
@@ -176,7 +177,7 @@ def fixture_run(tmp_path_factory):
 def test_fixture_run_writes_outputs_and_masks_nan_target(fixture_run):
     workdir, results, log_text = fixture_run
     # the NaN target (structure 3 of the training split) is reported by index and not counted
-    assert "train molecule with data set index 3 (position 3 in the split) has y = nan" in log_text
+    assert "train structure with data set index 3 (position 3 in the split) has y = nan" in log_text
     assert results["num_structures"] == {"train": 19, "validation": 4, "test": 4}
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if "val_mae" in r]  # epoch records (others: log intervals)
@@ -198,16 +199,16 @@ def test_fine_tuning_loads_best_params_and_rejects_other_architecture(fixture_ru
     from scannet_jax import checkpoints, train
 
     workdir = fixture_run[0]
-    _, best, _ = checkpoints.load_pretrained(workdir)
+    best = checkpoints.load_pretrained(workdir).params
     config = fixture_config()
     template = jax.tree.map(np.zeros_like, best)
-    loaded = train._load_init_params(str(workdir), template, config)
+    loaded = checkpoints.load_init_params(str(workdir), template, config.model.to_dict())
     jax.tree.map(np.testing.assert_array_equal, loaded, best)
     bigger = fixture_config(**{"model.local_dim": 32})
     template = jax.eval_shape(lambda: train.create_model(bigger).init(
         jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(bigger)))["params"])
     with pytest.raises(ValueError, match=r"architecture differs.*local_dim.*\(16, 32\)"):
-        train._load_init_params(str(workdir), template, bigger)
+        checkpoints.load_init_params(str(workdir), template, bigger.model.to_dict())
 
 
 def test_fine_tuning_ignores_switches_without_parameters(fixture_run):
@@ -225,15 +226,15 @@ def test_fine_tuning_ignores_switches_without_parameters(fixture_run):
     config = fixture_config(**{"model.use_ga_norm": not saved["use_ga_norm"]})
     template = jax.eval_shape(lambda: train.create_model(config).init(
         jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
-    _, best, _ = checkpoints.load_pretrained(workdir)
-    loaded = train._load_init_params(str(workdir), template, config)
+    best = checkpoints.load_pretrained(workdir).params
+    loaded = checkpoints.load_init_params(str(workdir), template, config.model.to_dict())
     jax.tree.map(np.testing.assert_array_equal, loaded, best)
 
 
 def test_fine_tuning_accepts_original_weights():
     import jax
 
-    from scannet_jax import convert, train
+    from scannet_jax import checkpoints, convert, train
 
     path = FIXTURES / "forward_scannplus_seed0.npz"
     model_config, original = convert.load_original_weights(path)
@@ -241,7 +242,7 @@ def test_fine_tuning_accepts_original_weights():
     config.model = model_config
     template = jax.eval_shape(lambda: train.create_model(config).init(
         jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
-    loaded = train._load_init_params(str(path), template, config)
+    loaded = checkpoints.load_init_params(str(path), template, config.model.to_dict())
     jax.tree.map(np.testing.assert_array_equal, loaded, original)
 
 
@@ -250,7 +251,7 @@ def test_fine_tuning_widens_the_original_element_table():
     initialisation for Z = 10..94, everything else is loaded as it is."""
     import jax
 
-    from scannet_jax import convert, train
+    from scannet_jax import checkpoints, convert, train
 
     path = FIXTURES / "forward_scannplus_seed0.npz"
     model_config, original = convert.load_original_weights(path)
@@ -260,7 +261,7 @@ def test_fine_tuning_widens_the_original_element_table():
     config.model.n_atoms = 95
     fresh = train.create_model(config).init(jax.random.PRNGKey(1), jax.tree.map(lambda x: x[0], _one_batch(config)))
     fresh = jax.tree.map(np.asarray, fresh["params"])
-    loaded = train._load_init_params(str(path), fresh, config)
+    loaded = checkpoints.load_init_params(str(path), fresh, config.model.to_dict())
     table = loaded["embed_atom"]["embedding"]
     assert table.shape == (95, model_config.embedding_dim)
     np.testing.assert_array_equal(table[:10], original["embed_atom"]["embedding"])
@@ -271,15 +272,15 @@ def test_fine_tuning_widens_the_original_element_table():
     small = jax.eval_shape(lambda: train.create_model(config).init(
         jax.random.PRNGKey(0), jax.tree.map(lambda x: x[0], _one_batch(config)))["params"])
     with pytest.raises(ValueError, match=r"\['embed_atom'\]\['embedding'\]: \(10, 8\) in .*, \(5, 8\) here"):
-        train._load_init_params(str(path), small, config)
+        checkpoints.load_init_params(str(path), small, config.model.to_dict())
 
 
 def _one_batch(config):
-    from scannet_jax import parallel, train
+    from scannet_jax import batching, parallel
 
     data = fixture_datasets()
-    plan = train.make_plan(data.train, "y", 8, 1, parallel.make_mesh())
-    return plan.batch(np.arange(8))
+    plan = batching.make_plan(data.store, data.indices("train"), "y", 8, 1, parallel.make_mesh())
+    return plan.batch(data.indices("train")[:8])
 
 
 def test_nonfinite_step_is_skipped():
@@ -287,19 +288,13 @@ def test_nonfinite_step_is_skipped():
 
     from scannet_jax import parallel, train
 
-    data = fixture_datasets()
-    config = fixture_config()
-    mesh = parallel.make_mesh()
-    plan = train.make_plan(data.train, "y", 8, 1, mesh)
-    model = train.create_model(config)
-    state = train.create_train_state(config, model, train.create_optimizer(config, 5),
-                                     jax.tree.map(lambda x: x[0], plan.batch(np.arange(8))), data.mean, data.std)
-    state = parallel.replicate(state, mesh)
+    config = fixture_config(batch_size=8, num_buckets=1)
+    trainer = train.setup(config, fixture_datasets())
+    state, mesh = trainer.state, trainer.mesh
     before = jax.tree.map(np.asarray, state.params)
-    batch = plan.batch(np.arange(8))
+    batch = trainer.train_plan.batch(trainer.data.indices("train")[:8])
     batch.edges["distances"][0, 0] = np.nan  # a corrupt edge: NaN prediction, NaN loss
-    steps = train.make_steps(mesh, config.optimizer.l2)
-    state, metrics = steps.train(state, parallel.shard_batch(batch, mesh))
+    state, metrics = trainer.steps.train(state, parallel.shard_batch(batch, mesh))
     assert float(metrics["nonfinite"]) == 1.0
     assert int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
@@ -313,14 +308,14 @@ def test_optimizer_applies_the_original_learning_rate():
     import jax.numpy as jnp
     import optax
 
-    from scannet_jax import train
+    from scannet_jax import optim, train
 
     lr = np.load(FIXTURES / "lr_schedules.npz")
     config = fixture_config()
     config.optimizer.lr = 5e-4
     config.optimizer.schedule = "cosine"
     ours = train.create_optimizer(config, steps_per_epoch=860)
-    plain = optax.chain(train.scale_by_keras_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
+    plain = optax.chain(optim.scale_by_keras_adam(b1=0.9, b2=0.999, eps=1e-7), optax.scale(-5e-4))
     params = jnp.zeros(())
     state_ours, state_plain = ours.init(params), plain.init(params)
     ratios = []
@@ -353,8 +348,9 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--no-dropout", action="store_true")
     args = parser.parse_args()
-    from scannet_jax import train
+    from scannet_jax import parallel, train
 
+    parallel.initialize_distributed()  # from JAX_* variables, as main.py does from the config
     dropout = 0.0 if args.no_dropout else 0.1
     config = fixture_config(num_epochs=args.epochs, **{"model.embed_dropout": dropout, "model.ffn_dropout": dropout})
     train.train_and_evaluate(config, args.workdir, datasets=fixture_datasets())

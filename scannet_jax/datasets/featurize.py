@@ -1,7 +1,9 @@
 """Parallel featurisation of structures and the keyed on-disk feature cache.
 
-`featurize_structures` runs `neighbors.voronoi_neighbors` (and optionally the ring/aromatic
-flags) over many structures in worker processes; `build_store` packs the results into a
+``GRAPH_BUILDERS`` maps a graph builder's name (``config.data.graph_builder``) to its settings
+type and function: ``voronoi`` (`neighbors.neighbors_from_arrays`, modes ``exact`` and
+``original``) now. `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
+many structures in worker processes; `build_store` packs the results into a
 `GraphStore`. `cached_store` keeps a store on disk under a directory keyed by the featuriser
 settings, the data set name, the ring switch and the store format version (`cache_path`), and
 rebuilds it with a logged warning when the saved copy is damaged or was made differently.
@@ -23,8 +25,9 @@ import numpy as np
 from ase.data import covalent_radii
 from tqdm.auto import tqdm
 
-from scannet_jax import graphs
+from scannet_jax import graphs, neighbors
 from scannet_jax.graphs import CorruptStoreError, GraphStore
+from scannet_jax.structures import Structure
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,6 @@ CACHE_ENV = "SCANNET_JAX_CACHE"
 BOND_TOLERANCE = 0.45  # Å
 # A ring counts as planar if no ring atom lies farther than this from its best-fit plane.
 PLANARITY_TOLERANCE = 0.1  # Å
-
-
-class Structure(NamedTuple):
-    """One structure as plain arrays (N atoms)."""
-
-    numbers: np.ndarray  # [N] int, atomic numbers
-    positions: np.ndarray  # [N, 3] float, Å
-    cell: np.ndarray | None = None  # [3, 3] float, rows = lattice vectors in Å; None for molecules
-    pbc: tuple[bool, bool, bool] = (False, False, False)
 
 
 class Featurized(NamedTuple):
@@ -56,7 +50,17 @@ class Featurized(NamedTuple):
 
 
 class FeaturizationError(RuntimeError):
-    """Featurising one structure failed; the message names its position in the input."""
+    """Featurising one structure failed; the message names its position in the input.
+
+    Attributes:
+      position: the structure's position in the featurised list.
+      kind: the exception type the graph builder raised.
+      reason: what it said.
+    """
+
+    def __init__(self, position: int, kind: str, reason: str, where: str | None = None):
+        super().__init__(f"{where or f'structure {position}'}: {kind}: {reason}")
+        self.position, self.kind, self.reason = position, kind, reason
 
 
 def default_cache_dir() -> Path:
@@ -213,14 +217,63 @@ def ring_aromatic_flags(numbers: np.ndarray, positions: np.ndarray) -> np.ndarra
     return flags
 
 
-def featurize_one(structure: Structure, settings: Any, ring: bool) -> Featurized:
-    """Neighbours (and optionally ring/aromatic flags) of one structure, in compact dtypes."""
-    from scannet_jax import neighbors
+class GraphBuilder(NamedTuple):
+    """One registered graph builder.
 
-    nb = neighbors.neighbors_from_arrays(
-        structure.numbers, structure.positions, structure.cell, structure.pbc, cutoff=settings.cutoff,
+    Attributes:
+      settings: its settings type: a frozen dataclass whose fields are the keys of
+        ``config.data.featurizer`` and whose ``key()`` names every feature cache it makes.
+      build: ``(structure, settings) -> graphs.NeighborsLike`` (edges sorted by receiver).
+    """
+
+    settings: type
+    build: Callable[[Structure, Any], graphs.NeighborsLike]
+
+
+GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
+
+
+def register_graph_builder(name: str, builder: GraphBuilder) -> None:
+    """Adds a graph builder under ``name`` (``config.data.graph_builder``)."""
+    if name in GRAPH_BUILDERS:
+        raise ValueError(f"graph builder {name!r} is already registered")
+    GRAPH_BUILDERS[name] = builder
+
+
+def graph_settings(name: str, values: Mapping[str, Any]) -> Any:
+    """The settings of graph builder ``name`` from ``config.data.featurizer``'s values.
+
+    Raises:
+      ValueError: for an unknown builder (listing the registered ones) or keys its settings lack.
+    """
+    if name not in GRAPH_BUILDERS:
+        raise ValueError(f"config.data.graph_builder={name!r}: unknown; registered: {', '.join(sorted(GRAPH_BUILDERS))}")
+    try:
+        return GRAPH_BUILDERS[name].settings(**values)
+    except TypeError as err:
+        raise ValueError(f"config.data.featurizer for graph builder {name!r}: {err}") from err
+
+
+def _voronoi(structure: Structure, settings: Any) -> graphs.NeighborsLike:
+    periodic = structure.periodic
+    return neighbors.neighbors_from_arrays(
+        structure.numbers, structure.positions, structure.cell if periodic else None,
+        tuple(bool(p) for p in structure.pbc), cutoff=settings.cutoff,
         min_solid_angle=settings.min_solid_angle, min_relative_weight=settings.min_relative_weight,
         mode=settings.mode)
+
+
+def featurize_one(structure: Structure, settings: Any, ring: bool) -> Featurized:
+    """Edges of one structure from the graph builder whose settings ``settings`` are (and
+    optionally the ring/aromatic flags), in compact dtypes.
+
+    Raises:
+      TypeError: if no registered builder takes settings of this type.
+    """
+    builder = next((b for b in GRAPH_BUILDERS.values() if isinstance(settings, b.settings)), None)
+    if builder is None:
+        raise TypeError(f"no registered graph builder takes {type(settings).__name__} settings")
+    nb = builder.build(structure, settings)
     return Featurized(
         receivers=np.asarray(nb.receivers, np.int32), senders=np.asarray(nb.senders, np.int32),
         distances=np.asarray(nb.distances, np.float32), solid_angles=np.asarray(nb.solid_angles, np.float32),
@@ -228,12 +281,69 @@ def featurize_one(structure: Structure, settings: Any, ring: bool) -> Featurized
         ring_aromatic=ring_aromatic_flags(structure.numbers, structure.positions) if ring else None)
 
 
-def _work(task: tuple[int, Structure, Any, bool]) -> tuple[int, Featurized | None, str | None]:
+register_graph_builder("voronoi", GraphBuilder(neighbors.FeaturizerSettings, _voronoi))
+
+
+def _work(task: tuple[int, Structure, Any, bool]) -> tuple[int, Featurized | None, tuple[str, str] | None]:
     position, structure, settings, ring = task
     try:
         return position, featurize_one(structure, settings, ring), None
     except Exception as err:  # noqa: BLE001 - reported with the structure's position
-        return position, None, f"{type(err).__name__}: {err}"
+        return position, None, (type(err).__name__, str(err))
+
+
+class Featurizer:
+    """Featurises structures with fixed settings, in a pool of worker processes kept until `close`.
+
+    The one featuriser of the package: data sets build their stores with it
+    (`featurize_structures`) and the predictor keeps one for its calls. Workers are started with
+    the "spawn" method (safe when the parent has started JAX threads) on first use, so a calling
+    script needs the usual `if __name__ == "__main__":` guard; a worker that dies raises
+    `BrokenProcessPool` instead of hanging. Lists shorter than `min_parallel` structures, or
+    `num_workers` <= 1, run in this process.
+
+    Args:
+      settings: `neighbors.FeaturizerSettings` (mode, cutoff, min_solid_angle, min_relative_weight).
+      ring: also compute `ring_aromatic_flags`.
+      num_workers: processes (default os.cpu_count()).
+      min_parallel: smallest list sent to the workers.
+    """
+
+    def __init__(self, settings: Any, *, ring: bool = False, num_workers: int | None = None,
+                 min_parallel: int = 64):
+        self.settings, self.ring = settings, ring
+        self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        self.min_parallel = min_parallel
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, structures: Sequence[Structure], *, progress: bool = False,
+            desc: str = "featurizing") -> Iterator[Featurized | FeaturizationError]:
+        """Yields one `Featurized` per structure in input order, or the `FeaturizationError`
+        (naming the position in `structures`) of a structure that failed; the others go on."""
+        tasks = ((k, s, self.settings, self.ring) for k, s in enumerate(structures))
+        if self.num_workers > 1 and len(structures) >= self.min_parallel:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+            chunksize = max(8, min(64, -(-len(structures) // (8 * self.num_workers))))
+            results = self._pool.map(_work, tasks, chunksize=chunksize)
+        else:
+            results = map(_work, tasks)
+        with tqdm(total=len(structures), desc=desc, disable=not progress, unit="structure") as bar:
+            for position, featurized, error in results:
+                bar.update()
+                yield featurized if error is None else FeaturizationError(position, *error)
+
+    def close(self) -> None:
+        """Stops the worker processes (if any were started)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Featurizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def featurize_structures(
@@ -242,51 +352,19 @@ def featurize_structures(
     *,
     ring: bool = False,
     num_workers: int | None = None,
-    chunksize: int = 64,
     progress: bool = True,
     desc: str = "featurizing",
 ) -> Iterator[Featurized]:
-    """Featurises structures in worker processes, yielding results in input order.
-
-    Workers are started with the "spawn" method (safe when the parent has started JAX threads),
-    so a calling script needs the usual `if __name__ == "__main__":` guard; a worker that dies
-    (e.g. without that guard) raises `BrokenProcessPool` instead of hanging. `num_workers` <= 1
-    runs in this process.
-
-    Args:
-      structures: the structures.
-      settings: `neighbors.FeaturizerSettings` (mode, cutoff, min_solid_angle, min_relative_weight).
-      ring: also compute `ring_aromatic_flags`.
-      num_workers: processes (default os.cpu_count()).
-      chunksize: structures per task sent to a worker.
-      progress: show a tqdm bar.
-      desc: progress bar label.
-
-    Yields:
-      One `Featurized` per structure, in order.
+    """Featurises structures (`Featurizer`, its pool closed at the end), in input order.
 
     Raises:
       FeaturizationError: naming the position of the first structure that failed.
     """
-    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    tasks = ((k, s, settings, ring) for k, s in enumerate(structures))
-    bar = tqdm(total=len(structures), desc=desc, disable=not progress, unit="structure")
-    pool = None
-    if num_workers > 1 and len(structures) > chunksize:
-        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_work, tasks, chunksize=chunksize)
-    else:
-        results = map(_work, tasks)
-    try:
-        for position, featurized, error in results:
-            if error is not None:
-                raise FeaturizationError(f"structure {position}: {error}")
-            bar.update()
-            yield featurized
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with Featurizer(settings, ring=ring, num_workers=num_workers) as featurizer:
+        for result in featurizer.map(structures, progress=progress, desc=desc):
+            if isinstance(result, FeaturizationError):
+                raise result
+            yield result
 
 
 def build_store(

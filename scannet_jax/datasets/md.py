@@ -1,7 +1,7 @@
 """MD and structure-file data sets as a featurised `GraphStore` plus group-aware splits.
 
 `load_structure_files` turns what the `xyz` readers return into the same ``(store, splits)``
-that `qm9.load_qm9` returns, cached on disk the same way (`featurize.cached_store`). Frames of
+that `qm9_tfds.load_qm9` returns, cached on disk the same way (`featurize.cached_store`). Frames of
 one MD trajectory are strongly correlated, so the splits never cut a group apart: every
 structure belongs to a group (its file = trajectory, or its temperature) and whole groups go to
 train, validation or test. Random-frame splits would put near-copies of test frames into the
@@ -104,14 +104,6 @@ def _files_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:12]
 
 
-def _to_featurize(structure: xyz.Structure, molecule: bool) -> featurize.Structure:
-    periodic = bool(structure.pbc.any()) and not molecule
-    if not periodic:
-        return featurize.Structure(numbers=structure.numbers, positions=structure.positions)
-    return featurize.Structure(numbers=structure.numbers, positions=structure.positions,
-                               cell=structure.cell, pbc=tuple(bool(p) for p in structure.pbc))
-
-
 def load_structure_files(
     name: str,
     paths: Sequence[str | Path],
@@ -158,16 +150,13 @@ def load_structure_files(
 
     def build() -> GraphStore:
         try:
-            return featurize.build_store([_to_featurize(s, molecules) for s in data.structures],
+            return featurize.build_store([s.as_molecule() if molecules else s for s in data.structures],
                                          settings, targets=data.targets, ring=ring,
                                          num_workers=num_workers)
         except featurize.FeaturizationError as err:
-            match = re.match(r"structure (\d+): ", str(err))
-            if match is None:
-                raise
-            file, frame = data.sources[int(match.group(1))]
-            raise featurize.FeaturizationError(
-                f"{file}: frame {frame} (0-based): {str(err)[match.end():]}") from err
+            file, frame = data.sources[err.position]
+            raise featurize.FeaturizationError(err.position, err.kind, err.reason,
+                                               where=f"{file}: frame {frame} (0-based)") from err
 
     store = featurize.cached_store(path / "graphs", build,
                                    metadata=featurize.cache_metadata(keyed, settings, ring),

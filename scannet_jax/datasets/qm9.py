@@ -1,4 +1,5 @@
-"""QM9 from the `qm9pack` package: CSV reader, the reference split, and `load_qm9`.
+"""QM9 from the `qm9pack` package: the CSV reader and the reference split (featurised and
+cached by `qm9_tfds.load_qm9`).
 
 The three CSV parts installed with `qm9pack` hold the 130,831 characterised QM9 molecules
 (B3LYP/6-31G(2df,p); the 3,054 uncharacterised ones are already removed), coordinates in Å.
@@ -12,16 +13,14 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from scannet_jax.datasets import featurize
-from scannet_jax.graphs import Domain, GraphStore
+from scannet_jax.graphs import Domain
+from scannet_jax.structures import Structure, molecule
 
 HARTREE_TO_EV = 27.211386
 NUM_MOLECULES = 130_831
@@ -74,12 +73,12 @@ class Qm9Molecules:
         """int64 [S], atoms per molecule."""
         return np.diff(self.atom_ptr)
 
-    def structure(self, s: int) -> featurize.Structure:
+    def structure(self, s: int) -> Structure:
         """Molecule `s` as a non-periodic `Structure`."""
         a, b = self.atom_ptr[s], self.atom_ptr[s + 1]
-        return featurize.Structure(numbers=self.numbers[a:b], positions=self.positions[a:b])
+        return molecule(self.numbers[a:b], self.positions[a:b])
 
-    def structures(self) -> Iterator[featurize.Structure]:
+    def structures(self) -> Iterator[Structure]:
         return (self.structure(s) for s in range(len(self)))
 
 
@@ -196,45 +195,3 @@ def split_indices(n_atoms: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         n_train, n_val = int(0.8 * n), int(0.1 * n)
     return {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
             "test": order[n_train + n_val:]}
-
-
-def load_qm9(
-    settings: Any,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    ring: bool = False,
-    num_workers: int | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> tuple[GraphStore, dict[str, np.ndarray]]:
-    """Featurised QM9 as a `GraphStore` plus the reference split, cached on disk.
-
-    The first call reads the CSVs, featurises every molecule in parallel into a
-    tensorflow-datasets array_record dataset (`qm9_tfds.Qm9Graphs`) inside the keyed cache
-    directory and consolidates it into a CSR `GraphStore` saved beside it; later calls load that
-    store (verified by its manifest) in seconds. A damaged or mismatched cache is rebuilt with a
-    warning.
-
-    Args:
-      settings: `neighbors.FeaturizerSettings`.
-      cache_dir: cache root; default `featurize.default_cache_dir()`.
-      ring: add per-atom [in ring, aromatic] flags (`featurize.ring_aromatic_flags`).
-      num_workers: featurisation processes (default os.cpu_count()).
-      limit: use only the first `limit` molecules of the dataset order (tests, smoke runs).
-      seed: split seed.
-
-    Returns:
-      (store, splits): `store` holds the molecules in dataset order (`store.index` = position
-      in the dataset order, targets as in `TARGET_COLUMNS`); `splits` as in `split_indices`.
-    """
-    from scannet_jax.datasets import qm9_tfds  # imports tensorflow_datasets only when needed
-
-    name = "qm9" if limit is None else f"qm9-first{limit}"
-    path = featurize.cache_path(cache_dir, name, settings, ring)
-    store = featurize.cached_store(
-        path / "graphs",
-        lambda: qm9_tfds.build_store(path / "tfds", settings, ring=ring, limit=limit, num_workers=num_workers),
-        metadata=featurize.cache_metadata(name, settings, ring),
-        invalidate=path,
-    )
-    return store, split_indices(store.n_node, seed)

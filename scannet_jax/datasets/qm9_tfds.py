@@ -1,4 +1,5 @@
-"""tensorflow-datasets builder for featurised QM9 (array_record files; TensorFlow not needed).
+"""Featurised QM9 on disk: the tensorflow-datasets builder (array_record files; TensorFlow not
+needed) and `load_qm9`, the QM9 entry of the data set registry.
 
 `Qm9Graphs` is a `GeneratorBasedBuilder` whose records are featurised molecules: atomic
 numbers, the directed Voronoi edges (local senders/receivers, d, Ω, ρ), optional ring/aromatic
@@ -10,7 +11,7 @@ How it relates to the CSR `GraphStore`: the builder's output lives inside the ke
 cache (`featurize.cache_path(...)/tfds`). `build_store` prepares it once (featurising in
 parallel) and consolidates all records, read back through `builder.as_data_source()` (random
 access; grain can iterate the same source), into a `GraphStore` in dataset order, which
-`qm9.load_qm9` saves beside it; later loads read only that store. The array_record dataset stays
+`load_qm9` saves beside it; later loads read only that store. The array_record dataset stays
 available for record-level pipelines (`open_data_source`).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -174,3 +176,43 @@ def build_store(data_dir: Path, settings: Any, *, ring: bool = False, limit: int
         log.warning("tfds dataset in %s is unreadable and will be prepared again: %s", data_dir, err)
         shutil.rmtree(data_dir, ignore_errors=True)
     return consolidate()
+
+
+def load_qm9(
+    settings: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    ring: bool = False,
+    num_workers: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[GraphStore, dict[str, np.ndarray]]:
+    """Featurised QM9 as a `GraphStore` plus the reference split, cached on disk.
+
+    The first call reads the CSVs, featurises every molecule in parallel into a
+    tensorflow-datasets array_record dataset (`Qm9Graphs`) inside the keyed cache
+    directory and consolidates it into a CSR `GraphStore` saved beside it; later calls load that
+    store (verified by its manifest) in seconds. A damaged or mismatched cache is rebuilt with a
+    warning.
+
+    Args:
+      settings: `neighbors.FeaturizerSettings`.
+      cache_dir: cache root; default `featurize.default_cache_dir()`.
+      ring: add per-atom [in ring, aromatic] flags (`featurize.ring_aromatic_flags`).
+      num_workers: featurisation processes (default os.cpu_count()).
+      limit: use only the first `limit` molecules of the dataset order (tests, smoke runs).
+      seed: split seed.
+
+    Returns:
+      (store, splits): `store` holds the molecules in dataset order (`store.index` = position
+      in the dataset order, targets as in `TARGET_COLUMNS`); `splits` as in `split_indices`.
+    """
+    name = "qm9" if limit is None else f"qm9-first{limit}"
+    path = featurize.cache_path(cache_dir, name, settings, ring)
+    store = featurize.cached_store(
+        path / "graphs",
+        lambda: build_store(path / "tfds", settings, ring=ring, limit=limit, num_workers=num_workers),
+        metadata=featurize.cache_metadata(name, settings, ring),
+        invalidate=path,
+    )
+    return store, qm9.split_indices(store.n_node, seed)

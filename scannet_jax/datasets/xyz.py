@@ -25,7 +25,6 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import ase
 import ase.db
@@ -33,26 +32,12 @@ import ase.io
 import numpy as np
 from ase.data import atomic_numbers
 
+from scannet_jax.structures import Structure, molecule
+
 FULLERENE_PROPERTIES = ("homo", "lumo", "total_energy")  # eV
 PT_GRAPHENE_PROPERTIES = ("total_energy", "ref_energy")  # eV
 
 PathLike = str | Path
-
-
-class Structure(NamedTuple):
-    """One structure as plain arrays.
-
-    Attributes:
-      numbers: int64 [N], atomic numbers.
-      positions: float64 [N, 3], Cartesian coordinates in Å.
-      cell: float64 [3, 3], lattice vectors as rows in Å; all zeros for a molecule.
-      pbc: bool [3], periodic directions; all False for a molecule.
-    """
-
-    numbers: np.ndarray
-    positions: np.ndarray
-    cell: np.ndarray
-    pbc: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -168,8 +153,6 @@ def _frames(lines: list[str], path: PathLike) -> Iterable[tuple[int, int, int]]:
         frame += 1
 
 
-def _molecule(numbers: np.ndarray, positions: np.ndarray) -> Structure:
-    return Structure(numbers, positions, np.zeros((3, 3)), np.zeros(3, dtype=bool))
 
 
 def _stack_targets(rows: list[list[float]], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -211,7 +194,7 @@ def read_property_xyz(path: PathLike, names: Sequence[str]) -> StructureData:
                          f"non-numeric comment value in {lines[i + 1]!r} "
                          f"(expected {' '.join(names)})") from None
         numbers, positions = _parse_atoms(lines, i + 2, count, 0, 1, None, path, frame)
-        structures.append(_molecule(numbers, positions))
+        structures.append(molecule(numbers, positions))
         sources.append((str(path), frame))
     return StructureData(structures, _stack_targets(rows, names), sources)
 

@@ -1,4 +1,4 @@
-"""Schedules against the original's numbers (shared/fixtures/lr_schedules.npz)."""
+"""Schedules against the original's numbers (tests/fixtures/original/lr_schedules.npz)."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scannet_jax import schedules
+from scannet_jax import optim
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 
@@ -20,7 +20,7 @@ def lr_fixture():
 @pytest.mark.parametrize("suffix", ["qm9", "trigger_0p4"])
 def test_sgdr_matches_original_callback(lr_fixture, suffix):
     trigger = float(lr_fixture[f"sgdr_trigger_{suffix}"])
-    sgdr = schedules.SGDR(lr_max=5e-4, lr_min=1e-4, t0=50, tmult=2, compression=1.2, trigger=trigger)
+    sgdr = optim.SGDR(lr_max=5e-4, lr_min=1e-4, t0=50, tmult=2, compression=1.2, trigger=trigger)
     got = []
     for epoch, val_mae in zip(lr_fixture["epochs"], lr_fixture["val_mae"]):
         got.append(sgdr.lr_for_epoch(int(epoch)))
@@ -30,12 +30,12 @@ def test_sgdr_matches_original_callback(lr_fixture, suffix):
 
 def test_sgdr_resumes_from_state_dict(lr_fixture):
     kwargs = dict(lr_max=5e-4, lr_min=1e-4, t0=50, tmult=2, compression=1.2, trigger=0.4)
-    sgdr = schedules.SGDR(**kwargs)
+    sgdr = optim.SGDR(**kwargs)
     val = lr_fixture["val_mae"]
     for e in range(120):
         sgdr.lr_for_epoch(e)
         sgdr.update(float(val[e]))
-    resumed = schedules.SGDR(**kwargs)
+    resumed = optim.SGDR(**kwargs)
     resumed.load_state_dict(json.loads(json.dumps(sgdr.state_dict())))
     got = []
     for e in range(120, 800):
@@ -50,7 +50,7 @@ def _cosine_params(lr_fixture):
 
 def test_keras_cosine_decay(lr_fixture):
     p = _cosine_params(lr_fixture)
-    sched = schedules.keras_cosine_decay(p["lr"], p["decay_steps"], p["alpha"])
+    sched = optim.keras_cosine_decay(p["lr"], p["decay_steps"], p["alpha"])
     got = np.array([float(sched(s)) for s in lr_fixture["cosine_steps"]])
     np.testing.assert_allclose(got, lr_fixture["cosine_lr"], rtol=2e-6)
 
@@ -61,7 +61,7 @@ def test_keras_cosine_decay(lr_fixture):
 )
 def test_applied_rate_with_legacy_decay(lr_fixture, kind, key):
     p = _cosine_params(lr_fixture)
-    factor = schedules.step_factor_schedule(
+    factor = optim.step_factor_schedule(
         kind,
         steps_per_epoch=p["steps_per_epoch"],
         num_epochs=p["epochs"],
@@ -73,7 +73,7 @@ def test_applied_rate_with_legacy_decay(lr_fixture, kind, key):
 
 
 def test_sgdr_uses_legacy_decay_only():
-    factor = schedules.step_factor_schedule(
+    factor = optim.step_factor_schedule(
         "sgdr", steps_per_epoch=10, num_epochs=1000, min_lr_ratio=0.2, legacy_decay=1e-5
     )
     assert float(factor(0)) == 1.0
@@ -82,6 +82,6 @@ def test_sgdr_uses_legacy_decay_only():
 
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
-        schedules.step_factor_schedule(
+        optim.step_factor_schedule(
             "step", steps_per_epoch=1, num_epochs=1, min_lr_ratio=1.0, legacy_decay=0.0
         )

@@ -1,4 +1,9 @@
-"""Learning-rate schedules of the original training (reference §3), as numbers and Optax pieces.
+"""The optimiser and its learning-rate schedules (reference §3), as numbers and Optax pieces.
+
+``create_optimizer(opt, steps_per_epoch)`` builds Adam exactly as Keras-2 computes it
+(`scale_by_keras_adam`) with the per-step factor below; ``create_epoch_schedule(opt)`` the
+host-side epoch schedule. Both take the ``config.optimizer`` section; nothing else here reads
+a config.
 
 The rate applied at optimiser step t of epoch e is
 
@@ -7,12 +12,12 @@ The rate applied at optimiser step t of epoch e is
 * ``epoch_lr`` comes from a host-side, stateful epoch schedule (:class:`SGDR` or
   :class:`ConstantLR`). SGDR needs the validation MAE of each finished epoch, which only the
   host knows, so it cannot be an Optax schedule; its state is checkpointed with the run. The
-  value is fed to the optimiser through ``optax.inject_hyperparams`` (see ``train.py``).
+  value is fed to the optimiser through ``optax.inject_hyperparams`` (`set_learning_rate`).
 * ``step_factor`` is a pure Optax schedule of the step count: the Keras-2 legacy Adam
   ``decay`` (inverse-time decay 1 / (1 + decay·t)), optionally times a cosine decay normalised
   to 1 at t = 0 (the original's non-SGDR ``cosine`` schedule).
 
-All of this reproduces ``shared/fixtures/lr_schedules.npz`` (tests/test_schedules.py).
+All of this reproduces ``tests/fixtures/original/lr_schedules.npz`` (tests/test_schedules.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import dataclasses
 import math
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 
 
@@ -196,3 +204,82 @@ class SGDR:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
             setattr(self, field.name, type(getattr(self, field.name))(state[field.name]))
+
+
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> optax.GradientTransformation:
+    """Adam's direction exactly as Keras-2 (and the original) computes it.
+
+    ``sqrt(1 - b2^t) / (1 - b1^t) · m_t / (sqrt(v_t) + eps)`` with the uncorrected moments
+    ``m_t``, ``v_t`` and t = step + 1: epsilon is added to the root of the *uncorrected* second
+    moment, where ``optax.scale_by_adam`` adds it after bias correction. The two differ by an
+    effective epsilon ``eps / sqrt(1 - b2^t)`` (3.2e-6 instead of 1e-7 at the first step), which
+    matters for parameters whose gradients are small. The result is not yet multiplied by
+    ``-learning_rate`` (chain with ``optax.scale_by_learning_rate``).
+    """
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple[Any, optax.ScaleByAdamState]:
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        count = optax.safe_int32_increment(state.count)
+        t = count.astype(jnp.float32)
+        correction = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        direction = jax.tree.map(lambda m, v: correction * m / (jnp.sqrt(v) + eps), mu, nu)
+        return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def create_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Keras-2 Adam with the original's per-step factor (reference §3).
+
+    The learning rate is an injected hyperparameter (``opt_state.hyperparams["learning_rate"]``)
+    that the loop sets at every epoch from the epoch schedule (`set_learning_rate`); the
+    per-step factor (legacy inverse-time decay, and the cosine if chosen) is applied inside
+    the update.
+
+    Args:
+      opt: the ``config.optimizer`` section.
+      steps_per_epoch: optimiser steps per epoch (lays out the cosine schedule).
+    """
+    factor = step_factor_schedule(
+        opt.schedule,
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=opt.cosine_epochs,
+        min_lr_ratio=opt.min_lr / opt.lr,
+        legacy_decay=opt.legacy_decay,
+    )
+
+    def adam(learning_rate: float) -> optax.GradientTransformation:
+        return optax.chain(
+            scale_by_keras_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+            optax.scale_by_schedule(factor),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+
+    return optax.inject_hyperparams(adam)(learning_rate=opt.lr)
+
+
+def create_epoch_schedule(opt: ml_collections.ConfigDict) -> EpochSchedule:
+    """SGDR (``opt.schedule == "sgdr"``) or a constant epoch rate, from ``config.optimizer``."""
+    if opt.schedule == "sgdr":
+        return SGDR(lr_max=opt.lr, lr_min=opt.min_lr, t0=opt.sgdr_t0, tmult=opt.sgdr_tmult,
+                    compression=opt.sgdr_compression, trigger=opt.sgdr_trigger)
+    return ConstantLR(opt.lr)
+
+
+def set_learning_rate(opt_state: Any, lr: float, place: Any) -> Any:
+    """``opt_state`` (of `create_optimizer`) with its injected learning rate set to ``lr``.
+
+    Args:
+      opt_state: the optimiser state.
+      lr: the new rate.
+      place: puts a host value where the state lives (e.g. replication over the mesh).
+    """
+    hyper = dict(opt_state.hyperparams)
+    hyper["learning_rate"] = place(np.asarray(lr, np.float32))
+    return opt_state._replace(hyperparams=hyper)
