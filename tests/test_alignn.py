@@ -262,3 +262,17 @@ def test_loader_keeps_offsets_strides_and_dtypes():
     np.testing.assert_array_equal(arrays["b"], base.T)
     np.testing.assert_array_equal(arrays["c"], [-3, 5])
     assert arrays["a"].dtype == np.float64 and arrays["c"].dtype == np.int64
+
+
+def test_links():
+    """link "log": exp of the linear output, bias initialised to log(0.7); "logit": sigmoid."""
+    tiny = dict(alignn_layers=1, gcn_layers=1, embedding_features=4, hidden_features=8)
+    graph, line = padded(our_pairs(["cu_fcc"]))
+    variables = ALIGNN(AlignnConfig(link="log", **tiny)).init(jax.random.PRNGKey(0), graph, line, train=False)
+    np.testing.assert_allclose(variables["params"]["fc"]["bias"], [np.log(0.7)], rtol=1e-6)
+    linear = ALIGNN(AlignnConfig(**tiny)).apply(variables, graph, line, train=False)
+    for link, fn in (("log", np.exp), ("logit", lambda v: 1 / (1 + np.exp(-v)))):
+        out = ALIGNN(AlignnConfig(link=link, **tiny)).apply(variables, graph, line, train=False)
+        np.testing.assert_allclose(out, fn(np.asarray(linear)), rtol=1e-6)
+    with pytest.raises(ValueError, match="link must be one of"):
+        AlignnConfig(link="relu")
