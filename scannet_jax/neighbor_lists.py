@@ -25,12 +25,12 @@ import itertools
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-from scipy.spatial import cKDTree
-
 from scannet_jax.neighbors import MIN_DISTANCE
+from scannet_jax.radius_graph import RadiusNeighbors, radius_neighbors_from_arrays
 
 NUM_NEIGHBOURS = 19  # §3.2 step 1: "the 19 atoms nearest to the atom"
 TIE_TOLERANCE = 1e-3  # Å, largest gap between distances of one shell
+MOLECULE_RADIUS = 5.0  # Å, first search radius for molecules (grown by 1.5x until the lists are exact)
 FRACTIONAL_TOLERANCE = 1e-6  # fractional coordinates closer than this count as equal in the ordering
 IDENTITY = (0, 1, 2)
 # §3.3 augmentation: the original setting and the xy, yz and xz swaps of the lattice axes.
@@ -74,10 +74,13 @@ def nearest_neighbour_lists(
 ) -> NeighbourLists:
     """The `num_neighbours` nearest other atoms of every atom, ties broken by the module's rule.
 
-    Crystals: every periodic image counts (also images of the atom itself), and the lists are
-    exact: images are enumerated within a radius that grows until, for every atom, the shell of the
-    K-th neighbour is closed by a farther candidate inside the enumerated ball (see
-    `_candidate_images` for why that ball is complete).
+    Crystals: every periodic image counts (also images of the atom itself). The lists are exact:
+    every atom and image within a search radius (`radius_graph.radius_neighbors_from_arrays`) is
+    a candidate, and the radius grows by 1.5x until, for every atom, the shell of the K-th neighbour
+    is closed by a farther candidate inside it (or, in a molecule, every other atom is in).
+
+    The arguments are the fields of `structures.Structure` in order, so
+    ``nearest_neighbour_lists(*structure)`` works.
 
     Args:
       numbers: [N] atomic numbers (the tie rule uses them).
@@ -92,44 +95,35 @@ def nearest_neighbour_lists(
 
     Raises:
       ValueError: bad shapes, no atoms, non-finite positions, mixed pbc, singular cell, or two
-        atoms (or an atom and an image) closer than `neighbors.MIN_DISTANCE`.
+        atoms (or an atom and an image) closer than `neighbors.MIN_DISTANCE` (except exactly
+        coincident ones, under 1e-8 Å, which the radius search drops as the atom itself).
     """
     numbers, positions, cell, periodic = _validate(numbers, positions, cell, pbc)
     n = len(numbers)
     if periodic:
-        volume = abs(np.linalg.det(cell))
-        # Radius of a sphere holding K + 1 atoms at the mean density, with a margin.
-        radius = 1.5 * (3 * (num_neighbours + 1) * volume / (4 * np.pi * n)) ** (1 / 3)
+        # Radius of a sphere holding K + 1 atoms at the crystal's mean density, with a margin.
+        radius = 1.5 * (3 * (num_neighbours + 1) * abs(np.linalg.det(cell)) / (4 * np.pi * n)) ** (1 / 3)
     else:
-        radius = np.inf
-    k = num_neighbours + 8
+        radius = MOLECULE_RADIUS
     while True:
-        points, atom_of, shifts, centre_shifts = _candidate_images(positions, cell, radius, periodic)
-        tree = cKDTree(points)
-        while True:
-            dist, idx = tree.query(points[:n], k=min(k, len(points)), distance_upper_bound=radius)
-            dist, idx = np.atleast_2d(dist)[:, 1:], np.atleast_2d(idx)[:, 1:]  # column 0 is the atom itself
-            exhausted = not periodic and k >= n  # every other atom of the molecule was returned
-            keep, shell, closed = _shells(dist, num_neighbours, tolerance, exhausted)
-            if closed.all() or k >= len(points) or not np.isfinite(dist[~closed, -1]).any():
-                break
-            k *= 2  # some shell may continue past the k-th candidate
+        pairs = radius_neighbors_from_arrays(positions, cell, np.full(3, periodic), cutoff=radius)
+        dist, idx, shifts = _rows(pairs, n)
+        exhausted = np.zeros(n, bool) if periodic else np.isfinite(dist).sum(1) == n - 1
+        keep, shell, closed = _shells(dist, num_neighbours, tolerance, exhausted)
         if closed.all():
             break
-        radius *= 1.5  # some shell may continue past the enumerated ball
-    safe = np.where(keep, idx, 0)
-    z = np.where(keep, numbers[atom_of[safe]], 0)
-    sh = shifts[safe] + centre_shifts[:, None, :]  # [N, W, 3]
-    order = np.lexsort((sh[..., 2], sh[..., 1], sh[..., 0], atom_of[safe], np.where(keep, dist, 0.0), z,
+        radius *= 1.5  # some K-th shell may continue past the radius
+    z = np.where(keep, numbers[idx], 0)
+    order = np.lexsort((shifts[..., 2], shifts[..., 1], shifts[..., 0], idx, np.where(keep, dist, 0.0), z,
                         np.where(keep, shell, np.iinfo(np.int64).max)), axis=-1)[:, :num_neighbours]
     width = order.shape[1]
     mask = np.zeros((n, num_neighbours), bool)
     mask[:, :width] = np.take_along_axis(keep, order, axis=1)
     indices = np.full((n, num_neighbours), -1, np.int64)
-    indices[:, :width] = np.take_along_axis(atom_of[safe], order, axis=1)
+    indices[:, :width] = np.take_along_axis(idx, order, axis=1)
     indices[~mask] = -1
     out_shifts = np.zeros((n, num_neighbours, 3), np.int64)
-    out_shifts[:, :width] = np.take_along_axis(sh, order[..., None], axis=1)
+    out_shifts[:, :width] = np.take_along_axis(shifts, order[..., None], axis=1)
     out_shifts[~mask] = 0
     vectors = positions[np.maximum(indices, 0)] + out_shifts @ cell - positions[:, None, :]
     distances = np.where(mask, np.linalg.norm(vectors, axis=-1), 0.0)
@@ -162,51 +156,31 @@ def _validate(numbers: Any, positions: Any, cell: Any, pbc: Any) -> tuple[np.nda
     return numbers, positions, cell, periodic
 
 
-def _candidate_images(positions: np.ndarray, cell: np.ndarray, radius: float, periodic: bool
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every image of every atom that can lie within `radius` of a home atom (all atoms for molecules).
-
-    In the Minkowski-reduced basis R with the fractional coordinates f wrapped into [0, 1), an
-    image f_j + n within `radius` of atom i has |f_j,k + n_k - f_i,k| <= radius * |column k of
-    R^-1|, so |n_k| <= radius * |column k of R^-1| + 1 bounds the grid of offsets n.
-
-    Returns:
-      points [P, 3] (Å; the first N are the atoms at offset 0, where they are queried from),
-      atom_of [P] (atom index), shifts [P, 3] (lattice offset of each point from its atom's given
-      position, in cell units), centre_shifts [N, 3] (to add to the shifts of atom i's neighbours,
-      which are measured from its first point).
-    """
-    n = len(positions)
-    if not periodic:
-        return positions, np.arange(n), np.zeros((n, 3), np.int64), np.zeros((n, 3), np.int64)
-    from ase.geometry import minkowski_reduce
-
-    reduced, op = minkowski_reduce(cell)
-    inverse = np.linalg.inv(reduced)
-    frac = positions @ inverse
-    floor = np.floor(frac)
-    home_pos = (frac - floor) @ reduced  # [N, 3], wrapped
-    bound = np.ceil(radius * np.linalg.norm(inverse, axis=0) + 1).astype(int)
-    grid = np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in bound], indexing="ij"), -1).reshape(-1, 3)
-    grid = grid[np.abs(grid).sum(1).argsort(kind="stable")]  # (0, 0, 0) first, so home = arange(N)
-    points = (home_pos[None, :, :] + (grid @ reduced)[:, None, :]).reshape(-1, 3)  # [G * N, 3]
-    atom_of = np.tile(np.arange(n), len(grid))
-    # The point of atom j at offset n sits at r_j + (n - floor_j) @ R and atom i is queried from
-    # r_i - floor_i @ R, so the image's shift relative to r_i is (n - floor_j + floor_i) @ R, which is
-    # (...) @ op in units of the given cell (R = op @ cell).
-    shifts = ((grid[:, None, :] - floor[None, :, :]).reshape(-1, 3) @ op).round().astype(np.int64)
-    return points, atom_of, shifts, (floor @ op).round().astype(np.int64)
+def _rows(pairs: RadiusNeighbors, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges sorted by receiver, then distance, as padded rows: distances [N, W] (inf on padding),
+    neighbour indices [N, W] (0 on padding) and shifts [N, W, 3], W the largest neighbour count."""
+    counts = np.bincount(pairs.receivers, minlength=n)
+    width = int(counts.max()) if len(pairs.receivers) else 0
+    column = np.arange(len(pairs.receivers)) - np.repeat(np.cumsum(counts) - counts, counts)
+    dist = np.full((n, width), np.inf)
+    idx = np.zeros((n, width), np.int64)
+    shifts = np.zeros((n, width, 3), np.int64)
+    dist[pairs.receivers, column] = pairs.distances
+    idx[pairs.receivers, column] = pairs.senders
+    shifts[pairs.receivers, column] = pairs.shifts
+    return dist, idx, shifts
 
 
-def _shells(dist: np.ndarray, k: int, tolerance: float, exhausted: bool
+def _shells(dist: np.ndarray, k: int, tolerance: float, exhausted: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which candidates may enter the lists, and whether each row's K-th shell is known to be complete.
 
     Args:
-      dist: [N, W] sorted candidate distances per centre, inf where the query found none.
+      dist: [N, W] sorted candidate distances per centre (every atom and image within the search
+        radius), inf on padding.
       k: K.
       tolerance: shell gap, Å.
-      exhausted: True when every other atom is a candidate (molecules), so nothing is missing.
+      exhausted: [N] True where every other atom is a candidate (molecules), so nothing is missing.
 
     Returns:
       keep [N, W] (candidates in the shells up to that of the K-th), shell [N, W] (shell number of
@@ -215,7 +189,7 @@ def _shells(dist: np.ndarray, k: int, tolerance: float, exhausted: bool
     finite = np.isfinite(dist)
     shell = np.cumsum(np.diff(np.where(finite, dist, 0.0), prepend=0.0, axis=1) > tolerance, axis=1)
     if dist.shape[1] < k:
-        return finite, shell, np.full(len(dist), exhausted)
+        return finite, shell, exhausted
     last = shell[:, k - 1]
     enough = finite[:, k - 1]
     keep = finite & (~enough[:, None] | (shell <= last[:, None]))
