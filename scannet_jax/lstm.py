@@ -26,9 +26,11 @@ sequence runs over the 19 neighbours of each of the A (padded) atoms, never over
 Neighbour places beyond a molecule's atom count carry Z = 0 and end the first LSTM's sequence.
 
 The source is a text description with no code, so every size above is a choice, not a
-reproduction. The model is not invariant to the crystal's setting (the atom order of step 4
-depends on it), as the source notes; see `neighbor_lists.equivalent_settings` for its
-augmentation and test-time averaging.
+reproduction. The model is invariant to rotation and to the order in which the atoms are given,
+but not to the crystal's setting (the atom order of step 4 depends on it), as the source notes,
+nor to the choice of origin; see `neighbor_lists.equivalent_settings` for the augmentation and
+`neighbor_lists.average_over_settings` for test-time averaging. Batches come from
+`neighbor_lists.pad_sequences`.
 """
 
 from __future__ import annotations

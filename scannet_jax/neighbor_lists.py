@@ -25,6 +25,7 @@ import itertools
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
 from scannet_jax.neighbors import MIN_DISTANCE
 from scannet_jax.radius_graph import RadiusNeighbors, radius_neighbors_from_arrays
 
@@ -207,7 +208,8 @@ def atom_order(positions: np.ndarray, cell: np.ndarray | None, pbc: Any, axes: S
     swapping two lattice vectors and the matching fractional coordinates leaves every Cartesian
     position unchanged and only reorders the keys. Molecules (extension; the source has crystals
     only): the Cartesian coordinates in Å, same rule; the order then depends on orientation, as the
-    crystal order depends on the setting.
+    crystal order depends on the setting and on the origin (experiments/lstm_sensitivity.py
+    measures both effects on the model).
 
     Args:
       positions: [N, 3] Cartesian coordinates, Å.
