@@ -1,6 +1,6 @@
 """Ball-and-stick pictures of molecules and crystals with atoms coloured by a per-atom value.
 
-Atoms are drawn as spheres (discs, depth-sorted with the sticks), coloured by the value (by default
+Atoms are drawn as balls (discs, depth-sorted with the sticks), coloured by the value (by default
 the global-attention (GA) score, on a 0 → max colour scale shown as a colour bar), with radii that
 grow with the covalent radius. Bonds are sticks between atoms closer than
 ``bond_scale · (r_i + r_j)`` (covalent radii, `ase.data.covalent_radii`), found through periodic
@@ -28,6 +28,7 @@ MAX_LABELLED_ATOMS = 40  # larger structures are drawn without atom labels
 ROTATION = "10x,20y,0z"  # a slight tilt so that planar molecules are not seen edge-on
 BOND_SCALE = 1.2  # bond where d < BOND_SCALE * (r_i + r_j), covalent radii
 STICK_WIDTH = 0.12  # Å
+CIRCLE_VERTICES = 48  # a ball is drawn as a polygon of this many vertices
 BOUNDARY_TOLERANCE = 1e-3  # fractional coordinate within this of 0 (or 1) lies on a cell face
 # Elements that are not metals (noble gases, nonmetals, metalloids); every other element is a metal.
 NONMETALS = frozenset("H He B C N O F Ne Si P S Cl Ar Ge As Se Br Kr Sb Te I Xe At Rn".split())
@@ -128,19 +129,24 @@ def _stick(p: np.ndarray, q: np.ndarray, width: float) -> np.ndarray:
 
 
 class Drawing(NamedTuple):
-    """The artists `draw_structure` added to the axes.
+    """What `draw_structure` drew: one collection of balls, half sticks and cell edges, back to front.
 
     Attributes:
-      atoms: one ``Circle`` per drawn atom copy [M] (boundary copies included).
-      sticks: one ``Polygon`` per half stick [H] (a bond between two drawn atoms is two halves).
-      cell_lines: the 12 ``Line2D`` edges of the (super)cell; empty for a molecule.
-      atom_index: int64 [M], the atom (of the repeated structure) each circle shows.
+      collection: the matplotlib ``PolyCollection`` added to the axes.
+      atom_index: int64 [M], for each ball (drawn copy, boundary copies included) its atom in the
+        (repeated) structure.
+      ball_colors: float64 [M, 4], RGBA of each ball.
+      sticks: float64 [H, 2, 2], screen start and end of each half stick (a bond between two drawn
+        atoms is two halves meeting at its middle).
+      cell_lines: float64 [12, 2, 2], screen ends of the (super)cell's edges; [0, 2, 2] for a
+        molecule.
     """
 
-    atoms: list
-    sticks: list
-    cell_lines: list
+    collection: object
     atom_index: np.ndarray
+    ball_colors: np.ndarray
+    sticks: np.ndarray
+    cell_lines: np.ndarray
 
 
 def _check_inputs(atoms: ase.Atoms, values: np.ndarray, repeat: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
@@ -160,6 +166,9 @@ def draw_structure(ax, atoms: ase.Atoms, values: np.ndarray, *, norm, cmap, rota
                    outside_bonds: bool = False) -> Drawing:
     """Draws ``atoms`` as balls and sticks into matplotlib axes ``ax`` (arguments as `render_ga`).
 
+    Balls, sticks and cell edges go into one ``PolyCollection`` ordered by depth (painter's
+    algorithm), which is also what keeps large structures fast to draw.
+
     Args:
       ax: matplotlib axes; limits and aspect are set to fit the structure.
       atoms: N atoms.
@@ -167,9 +176,9 @@ def draw_structure(ax, atoms: ase.Atoms, values: np.ndarray, *, norm, cmap, rota
       norm, cmap: matplotlib normalisation and colour map.
 
     Returns:
-      The artists added.
+      What was drawn.
     """
-    from matplotlib.patches import Circle, Polygon
+    from matplotlib.collections import PolyCollection
 
     values, repeat = _check_inputs(atoms, values, repeat)
     n_original = len(atoms)
@@ -180,11 +189,13 @@ def draw_structure(ax, atoms: ase.Atoms, values: np.ndarray, *, norm, cmap, rota
     view = rotate(rotation)
     projected = drawn.positions @ view  # [M, 3]; x, y on screen, z towards the viewer
     draw_radius = 0.2 + 0.2 * covalent_radii[atoms.numbers[drawn.index]]  # Å
-    circles, sticks, cell_lines = [], [], []
-    for k in np.argsort(projected[:, 2]):
-        circles.append(ax.add_patch(Circle(
-            projected[k, :2], draw_radius[k], facecolor=cmap(norm(values[drawn.index[k]])),
-            edgecolor="black", linewidth=0.6, zorder=float(projected[k, 2]) + 1e-3)))
+    ball_colors = np.array([cmap(norm(v)) for v in values[drawn.index]]).reshape(-1, 4)
+    angles = np.linspace(0.0, 2 * np.pi, CIRCLE_VERTICES, endpoint=False)
+    circle = np.stack([np.cos(angles), np.sin(angles)], axis=1)  # [C, 2]
+    # (polygon [P, 2], depth, face colour, edge colour, line width) of everything drawn
+    items = [(projected[k, :2] + draw_radius[k] * circle, projected[k, 2] + 1e-3, ball_colors[k], "black", 0.6)
+             for k in range(len(drawn.index))]
+    sticks = []
     if bonds:
         i, j, shifts, _ = _directed_bonds(atoms, bond_scale, metal_metal)
         cell = atoms.cell[:]
@@ -197,28 +208,31 @@ def draw_structure(ax, atoms: ase.Atoms, values: np.ndarray, *, norm, cmap, rota
             partner = atoms.positions[j[mine]] + (shifts[mine] + drawn.offset[k]) @ cell
             start = projected[k]
             for end in (0.5 * (drawn.positions[k] + partner)) @ view:
-                sticks.append(ax.add_patch(Polygon(
-                    _stick(start[:2], end[:2], STICK_WIDTH), closed=True, facecolor="0.5", linewidth=0,
-                    zorder=float(0.5 * (start[2] + end[2])))))
+                sticks.append([start[:2], end[:2]])
+                items.append((_stick(start[:2], end[:2], STICK_WIDTH), 0.5 * (start[2] + end[2]), "0.5", "none", 0.0))
+    cell_lines = np.zeros((0, 2, 2))
     extent = projected[:, :2]
     if atoms.pbc.any():
         edges = _cell_edges(atoms.cell[:]) @ view  # [12, 2, 3]
-        for a, b in edges:
-            cell_lines += ax.plot([a[0], b[0]], [a[1], b[1]], color="black", linewidth=0.8,
-                                  zorder=float(0.5 * (a[2] + b[2])))
-        extent = np.vstack([edges.reshape(-1, 3)[:, :2], extent])
+        cell_lines = edges[:, :, :2]
+        items += [(e[:, :2], e[:, 2].mean(), "none", "black", 0.8) for e in edges]
+        extent = np.vstack([cell_lines.reshape(-1, 2), extent])
+    items.sort(key=lambda item: item[1])
+    collection = PolyCollection([it[0] for it in items], facecolors=[it[2] for it in items],
+                                edgecolors=[it[3] for it in items], linewidths=[it[4] for it in items])
+    ax.add_collection(collection)
     if n_original <= MAX_LABELLED_ATOMS:
         for k in np.flatnonzero((drawn.index < n_original) & ~drawn.offset.any(axis=1)):
             a = drawn.index[k]
             ax.annotate(f"{atoms[a].symbol}{a}", projected[k, :2], ha="center", va="center", fontsize=7,
-                        color="white" if norm(values[a]) < 0.6 else "black", zorder=1e6)
+                        color="white" if norm(values[a]) < 0.6 else "black", zorder=3)
     margin = float(draw_radius.max()) + 0.3 if len(draw_radius) else 1.0
     low, high = extent.min(axis=0) - margin, extent.max(axis=0) + margin
     ax.set_xlim(low[0], high[0])
     ax.set_ylim(low[1], high[1])
     ax.set_aspect("equal")
     ax.set_axis_off()
-    return Drawing(circles, sticks, cell_lines, drawn.index[np.argsort(projected[:, 2])])
+    return Drawing(collection, drawn.index, ball_colors, np.array(sticks).reshape(-1, 2, 2), cell_lines)
 
 
 def render_ga(atoms: ase.Atoms, ga_scores: np.ndarray, path: str | os.PathLike, title: str,

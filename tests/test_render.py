@@ -71,12 +71,15 @@ def test_crystal_drawing_has_cell_boundary_copies_and_bonds():
     conventional = bulk("NaCl", "rocksalt", a=A_NACL, cubic=True)
     drawing = draw(conventional)
     # the 3 x 3 x 3 grid of sites at 0, a/2, a; nearest-neighbour sticks of that grid, two halves each
-    assert len(drawing.atoms) == 27 and len(drawing.cell_lines) == 12
+    assert len(drawing.atom_index) == 27 and drawing.cell_lines.shape == (12, 2, 2)
     assert len(drawing.sticks) == 2 * 3 * (3 * 3 * 2)
-    corner_na = np.flatnonzero(drawing.atom_index == 0)
-    assert len(corner_na) == 8
-    corners = {tuple(np.round(xy, 6)) for line in drawing.cell_lines for xy in line.get_xydata()}
+    assert (drawing.atom_index == 0).sum() == 8  # the corner Na on all eight corners
+    corners = {tuple(np.round(xy, 6)) for xy in drawing.cell_lines.reshape(-1, 2)}
     assert len(corners) == 8  # the cube's corners, each shared by three edges
+    half = np.linalg.norm(drawing.sticks[:, 1] - drawing.sticks[:, 0], axis=1)
+    assert half.max() <= A_NACL / 4 + 1e-9  # projections of half bonds (a/2 long)
+    # balls + half sticks + cell edges in one depth-sorted collection
+    assert len(drawing.collection.get_paths()) == 27 + 108 + 12
     with_outside = draw(conventional, outside_bonds=True)
     assert len(with_outside.sticks) == 27 * 6  # every drawn atom: a half stick to each of its 6 partners
     supercell = draw(bulk("NaCl", "rocksalt", a=A_NACL), repeat=(2, 2, 2))
@@ -86,9 +89,9 @@ def test_crystal_drawing_has_cell_boundary_copies_and_bonds():
 def test_molecule_drawing_has_sticks_and_no_cell():
     benzene = molecule("C6H6")
     drawing = draw(benzene, bonds=True)
-    assert len(drawing.atoms) == 12 and len(drawing.sticks) == 24 and drawing.cell_lines == []
+    assert len(drawing.atom_index) == 12 and len(drawing.sticks) == 24 and len(drawing.cell_lines) == 0
     assert len(draw(benzene, bonds=False).sticks) == 0
-    colours = {int(i): circle.get_facecolor() for i, circle in zip(drawing.atom_index, drawing.atoms)}
+    colours = dict(zip(drawing.atom_index.tolist(), drawing.ball_colors))
     np.testing.assert_allclose(colours[0], matplotlib.colormaps["viridis"](0.0))
     np.testing.assert_allclose(colours[11], matplotlib.colormaps["viridis"](1.0))
 
