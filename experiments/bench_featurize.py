@@ -8,6 +8,14 @@ the machine may be shared).
 
     python experiments/bench_featurize.py --num 5000
     python experiments/bench_featurize.py --all --modes exact --procs 2
+
+With --baseline REV it instead times this checkout's `scannet_jax/neighbors.py` against the same
+file at git revision REV, side by side in one run: each version in its own subprocess (one
+process, the same molecules), the two interleaved and repeated --rounds times (the order
+alternating), reporting medians; it also compares the two versions' outputs on --compare-num
+molecules. Writes experiments/results/bench_featurize_baseline.json.
+
+    python experiments/bench_featurize.py --baseline 6aef04e --num 2000 --rounds 5
 """
 
 from __future__ import annotations
@@ -16,12 +24,16 @@ import argparse
 import ast
 import csv
 import importlib.resources
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
 import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +43,8 @@ from ase.data import atomic_numbers
 from scannet_jax import neighbors
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_featurize.json"
+BASELINE_RESULTS = RESULTS.with_name("bench_featurize_baseline.json")
+REPO = Path(__file__).resolve().parents[1]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -107,6 +121,123 @@ def run(molecules, mode: str, procs: int, worker=_featurize, chunksize: int = 64
             "edges": int(sum(r[0] for r in results))}
 
 
+def load_neighbors_module(path: Path | None):
+    """This checkout's `scannet_jax.neighbors` (path None), or the file at `path` as its own module."""
+    if path is None:
+        return neighbors
+    spec = importlib.util.spec_from_file_location("neighbors_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_sample(molecules, path: Path) -> None:
+    ptr = np.cumsum([0] + [len(z) for z, _ in molecules])
+    np.savez(path, numbers=np.concatenate([z for z, _ in molecules]),
+             positions=np.concatenate([x for _, x in molecules]), ptr=ptr)
+
+
+def _time_worker(sample: Path, module: Path | None, mode: str) -> dict:
+    """One version on the saved sample, one process (run in a fresh subprocess)."""
+    nb = load_neighbors_module(module)
+    data = np.load(sample)
+    molecules = [(data["numbers"][a:b], data["positions"][a:b]) for a, b in zip(data["ptr"][:-1], data["ptr"][1:])]
+    for z, x in molecules[:20]:
+        nb.neighbors_from_arrays(z, x, mode=mode)
+    wall, cpu, edges = time.perf_counter(), time.process_time(), 0
+    for z, x in molecules:
+        edges += len(nb.neighbors_from_arrays(z, x, mode=mode).receivers)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"molecules_per_s": len(molecules) / wall, "molecules_per_cpu_s": len(molecules) / cpu, "edges": edges}
+
+
+def compare_outputs(molecules, baseline, mode: str) -> dict:
+    """This checkout against the baseline module: facets (Ω > 1e-9 sr) and default-threshold edges."""
+    every = {"cutoff": np.inf, "min_solid_angle": 0.0, "min_relative_weight": 0.0}
+    changed_facets = changed_edges = changed_molecules = 0
+    worst = 0.0
+    for z, x in molecules:
+        facets = []
+        for module in (neighbors, baseline):
+            nb = module.neighbors_from_arrays(z, x, mode=mode, **every)
+            facets.append({(i, j, tuple(s)): w for i, j, s, w in zip(
+                nb.receivers.tolist(), nb.senders.tolist(), nb.shifts.tolist(), nb.solid_angles) if w > 1e-9})
+        new, old = facets
+        changed_facets += len(new.keys() ^ old.keys())
+        delta = max(abs(new.get(k, 0.0) - old.get(k, 0.0)) for k in new.keys() | old.keys())
+        worst = max(worst, delta)
+        changed_molecules += delta > 1e-8
+        edges = [{(i, j, tuple(s)) for i, j, s in zip(nb.receivers.tolist(), nb.senders.tolist(), nb.shifts.tolist())}
+                 for nb in (module.neighbors_from_arrays(z, x, mode=mode) for module in (neighbors, baseline))]
+        changed_edges += len(edges[0] ^ edges[1])
+    return {"mode": mode, "molecules": len(molecules), "facets_in_one_version_only": changed_facets,
+            "max_abs_delta_solid_angle": worst, "molecules_changed_over_1e-8_sr": int(changed_molecules),
+            "default_edges_in_one_version_only": changed_edges}
+
+
+def run_baseline(args, molecules) -> None:
+    """Side-by-side timing and output comparison against `args.baseline` (module docstring)."""
+    revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        base_file = Path(tmp) / "neighbors_baseline.py"
+        base_file.write_text(subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:scannet_jax/neighbors.py"],
+                                            check=True, capture_output=True, text=True).stdout)
+        sample = Path(tmp) / "sample.npz"
+        _save_sample(molecules, sample)
+        baseline = load_neighbors_module(base_file)
+        subset = molecules[:: max(1, len(molecules) // args.compare_num)][: args.compare_num]
+        comparisons = [compare_outputs(subset, baseline, mode) for mode in modes]
+        load_before = os.getloadavg()
+        runs = []
+        for r in range(args.rounds):
+            versions = [("baseline", base_file), ("this checkout", None)]
+            for version, module in versions if r % 2 == 0 else versions[::-1]:
+                for mode in modes:
+                    command = [sys.executable, __file__, "--time-worker", str(sample), "--modes", mode]
+                    if module is not None:
+                        command += ["--worker-module", str(module)]
+                    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                    runs.append({"round": r, "version": version, "mode": mode, **json.loads(out.splitlines()[-1])})
+        load_after = os.getloadavg()
+    print(f"QM9 sample: {len(molecules)} molecules (seed {args.seed}); baseline {revision} "
+          f"(NEIGHBORS_VERSION {baseline.NEIGHBORS_VERSION}) vs this checkout ({neighbors.NEIGHBORS_VERSION}); "
+          f"{args.rounds} interleaved rounds, one process each; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+    summary = []
+    for mode in modes:
+        row = {"mode": mode}
+        for version in ("baseline", "this checkout"):
+            mine = [r for r in runs if r["mode"] == mode and r["version"] == version]
+            for key in ("molecules_per_s", "molecules_per_cpu_s"):
+                row[f"{version} {key} median"] = statistics.median(r[key] for r in mine)
+            row[f"{version} edges"] = mine[0]["edges"]
+        row["ratio mol/CPU-s (this / baseline)"] = (row["this checkout molecules_per_cpu_s median"]
+                                                    / row["baseline molecules_per_cpu_s median"])
+        row["ratio mol/s (this / baseline)"] = (row["this checkout molecules_per_s median"]
+                                                / row["baseline molecules_per_s median"])
+        summary.append(row)
+        print(f"{mode:9s} mol/CPU-s median: baseline {row['baseline molecules_per_cpu_s median']:7.1f}, this "
+              f"{row['this checkout molecules_per_cpu_s median']:7.1f} (x{row['ratio mol/CPU-s (this / baseline)']:.3f}); "
+              f"mol/s median: baseline {row['baseline molecules_per_s median']:7.1f}, this "
+              f"{row['this checkout molecules_per_s median']:7.1f} (x{row['ratio mol/s (this / baseline)']:.3f}); "
+              f"edges {row['baseline edges']} -> {row['this checkout edges']}")
+    for c in comparisons:
+        print(f"{c['mode']:9s} outputs on {c['molecules']} molecules: {c['facets_in_one_version_only']} facets "
+              f"(> 1e-9 sr) in one version only, max |dOmega| {c['max_abs_delta_solid_angle']:.3g} sr, "
+              f"{c['molecules_changed_over_1e-8_sr']} molecules changed by > 1e-8 sr, "
+              f"{c['default_edges_in_one_version_only']} default-threshold edges in one version only")
+    out = args.out if args.out != RESULTS else BASELINE_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": " ".join(sys.argv), "baseline": revision, "baseline_neighbors_version": baseline.NEIGHBORS_VERSION,
+        "neighbors_version": neighbors.NEIGHBORS_VERSION, "seed": args.seed, "sample": len(molecules),
+        "rounds": args.rounds, "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+        "summary": summary, "comparisons": comparisons, "runs": runs}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num", type=int, default=5000, help="molecules in the sample")
@@ -117,11 +248,22 @@ def main() -> None:
     parser.add_argument("--pymatgen-num", type=int, default=200,
                         help="molecules (evenly spaced in the sample) for the pymatgen column (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", help="git revision to time side by side with this checkout (docstring)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds with --baseline")
+    parser.add_argument("--compare-num", type=int, default=300, help="molecules whose outputs --baseline compares")
+    parser.add_argument("--time-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-module", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_worker is not None:
+        print(json.dumps(_time_worker(args.time_worker, args.worker_module, args.modes)))
+        return
 
     t0 = time.perf_counter()
     molecules = read_qm9(None if args.all else args.num, args.seed)
     read_s = time.perf_counter() - t0
+    if args.baseline:
+        run_baseline(args, molecules)
+        return
     load_before = os.getloadavg()
     rows = [run(molecules, mode, int(p)) for mode in args.modes.split(",") for p in args.procs.split(",")]
     try:
