@@ -216,12 +216,15 @@ def orthorhombic() -> ase.Atoms:
     (ase.Atoms("TiO", scaled_positions=[[0, 0, 0], [0.1, 0.3, 0.5]], cell=np.diag([3.0, 3.0, 4.5]), pbc=True),
      4, 6),  # same metric after the xy swap, but the coordinates differ
     (orthorhombic(), 4, 6),
+    (bulk("Cu", "fcc", a=3.6).repeat((1, 1, 2)), 3, 3),  # c doubled: a and b still equivalent
 ])
 def test_equivalent_settings_counts(atoms, swaps, permutations):
     kept = nl.equivalent_settings(atoms.numbers, atoms.positions, atoms.cell.array)
     assert kept[0] == nl.IDENTITY and len(kept) == swaps
     assert len(nl.equivalent_settings(atoms.numbers, atoms.positions, atoms.cell.array,
                                       nl.AXIS_PERMUTATIONS)) == permutations
+    rotation = Rotation.random(random_state=6).as_matrix()  # settings depend on the metric, not the orientation
+    assert nl.equivalent_settings(atoms.numbers, atoms.positions @ rotation.T, atoms.cell.array @ rotation.T) == kept
 
 
 def test_settings_reorder_atoms_but_keep_positions():
