@@ -15,6 +15,7 @@ directory is moved into place with one rename, so a directory with a valid manif
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -46,6 +47,16 @@ class NeighborsLike(Protocol):
 
 class CorruptStoreError(ValueError):
     """A saved store is incomplete, damaged or of another format version."""
+
+
+def _file_crc32(path: Path, offset: int, chunk: int = 1 << 24) -> int:
+    """CRC-32 of the bytes of ``path`` from ``offset`` to its end, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _check_structure(
@@ -294,12 +305,12 @@ class GraphStore:
     def num_structures(self) -> int:
         return self.index.shape[0]
 
-    @property
+    @functools.cached_property
     def n_node(self) -> np.ndarray:
         """int64 [S], atoms per structure."""
         return np.diff(self.node_ptr)
 
-    @property
+    @functools.cached_property
     def n_edge(self) -> np.ndarray:
         """int64 [S], edges per structure."""
         return np.diff(self.edge_ptr)
@@ -360,35 +371,19 @@ class GraphStore:
           metadata: JSON-serialisable values recorded in the manifest (e.g. featuriser settings),
             checked again by `load(path, expect=...)`.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        files = {}
-        try:
-            for name, array in self._arrays().items():
-                array = np.ascontiguousarray(array)
-                np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-                files[name] = {"bytes": (tmp / f"{name}.npy").stat().st_size,
-                               "crc32": zlib.crc32(memoryview(array).cast("B")),
-                               "shape": list(array.shape), "dtype": array.dtype.str}
-            manifest = {"format_version": STORE_FORMAT_VERSION, "num_structures": self.num_structures,
-                        "files": files, "metadata": dict(metadata or {})}
-            # Written last: a directory whose manifest parses is complete.
-            with open(tmp / _MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        with StoreWriter(path, self, num_structures=self.num_structures, num_atoms=int(self.node_ptr[-1]),
+                         num_edges=int(self.edge_ptr[-1])) as writer:
+            writer.append(self)
+            writer.close(metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> GraphStore:
-        """Loads a store written by `save`, verifying it completely.
+        """Opens a store written by `save`, verifying it completely.
+
+        The arrays are memory-mapped read-only, so a store larger than memory can be trained on:
+        batches read the rows they gather, and the kernel drops pages under memory pressure. The
+        checksums are computed by streaming each file, not through the mapping, so verifying
+        does not make the whole store resident.
 
         Args:
           path: directory written by `save`.
@@ -420,14 +415,15 @@ class GraphStore:
                 raise CorruptStoreError(f"{file}: missing ({err})") from err
             if size != info["bytes"]:
                 raise CorruptStoreError(f"{file}: {size} bytes, manifest says {info['bytes']}")
+            empty = int(np.prod(info["shape"])) == 0  # an empty file region cannot be mapped
             try:
-                array = np.load(file, allow_pickle=False)
+                array = np.load(file, allow_pickle=False, mmap_mode=None if empty else "r")
             except (OSError, ValueError) as err:
                 raise CorruptStoreError(f"{file}: unreadable ({err})") from err
             if list(array.shape) != info["shape"] or array.dtype.str != info["dtype"]:
                 raise CorruptStoreError(f"{file}: shape/dtype {array.shape} {array.dtype.str}, "
                                         f"manifest says {info['shape']} {info['dtype']}")
-            if zlib.crc32(memoryview(array).cast("B")) != info["crc32"]:
+            if _file_crc32(file, size - array.nbytes) != info["crc32"]:
                 raise CorruptStoreError(f"{file}: checksum mismatch")
             arrays[name] = array
         targets = {k.split(".", 1)[1]: arrays.pop(k) for k in list(arrays) if k.startswith("target.")}
@@ -435,3 +431,108 @@ class GraphStore:
             return cls(**arrays, targets=targets)
         except (TypeError, ValueError) as err:
             raise CorruptStoreError(f"{path}: inconsistent arrays ({err})") from err
+
+
+class StoreWriter:
+    """Writes a `GraphStore` to disk part by part, so that a store larger than memory can be
+    made (e.g. a data set featurised in chunks, or replicated); `GraphStore.save` uses it too.
+
+    Every array is a memory-mapped ``.npy`` file of its final size inside a temporary directory;
+    `close` checks that every structure arrived, records sizes and CRC-32 checksums in the
+    manifest (written last) and moves the directory into place with one rename. Leaving the
+    ``with`` block without `close` (an error) deletes the temporary directory.
+
+    Args:
+      path: the store's directory.
+      like: a store with the fields, dtypes and target names to write.
+      num_structures, num_atoms, num_edges: totals of the whole store.
+    """
+
+    def __init__(self, path: str | os.PathLike, like: GraphStore, *, num_structures: int, num_atoms: int,
+                 num_edges: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        rows = {"atomic_numbers": num_atoms, "node_ptr": num_structures + 1, "edge_ptr": num_structures + 1,
+                "index": num_structures, "ring_aromatic": num_atoms,
+                **{name: num_edges for name in _EDGE_FIELDS}, **{f"target.{k}": num_structures for k in like.targets}}
+        self.totals = (num_structures, num_atoms, num_edges)
+        self.done = [0, 0, 0]  # structures, atoms, edges written so far
+        self.files: dict[str, np.ndarray] = {}
+        self.names = set(like._arrays())
+        for name, array in like._arrays().items():
+            shape = (rows[name], *array.shape[1:])
+            file = self.tmp / f"{name}.npy"
+            if int(np.prod(shape)) == 0:  # an empty region cannot be mapped
+                np.save(file, np.zeros(shape, array.dtype), allow_pickle=False)
+                continue
+            self.files[name] = np.lib.format.open_memmap(file, mode="w+", dtype=array.dtype, shape=shape)
+        for ptr in ("node_ptr", "edge_ptr"):
+            self.files[ptr][0] = 0
+
+    def append(self, part: GraphStore, index: np.ndarray | None = None) -> None:
+        """Appends every structure of ``part`` (with data-set indices ``index``, default its own).
+
+        Raises:
+          ValueError: if ``part`` goes beyond the totals, or lacks a target or field.
+        """
+        s, a, e = self.done
+        n_s, n_a, n_e = part.num_structures, int(part.node_ptr[-1]), int(part.edge_ptr[-1])
+        if s + n_s > self.totals[0] or a + n_a > self.totals[1] or e + n_e > self.totals[2]:
+            raise ValueError(f"{self.path}: appending {n_s} structures goes beyond the store's totals {self.totals}")
+        arrays = part._arrays()
+        arrays["index"] = part.index if index is None else np.asarray(index)
+        if set(arrays) != self.names:
+            raise ValueError(f"{self.path}: part has fields {sorted(arrays)}, the store {sorted(self.names)}")
+        spans = {"atomic_numbers": (a, n_a), "ring_aromatic": (a, n_a), "index": (s, n_s),
+                 **{name: (e, n_e) for name in _EDGE_FIELDS}}
+        for name, out in self.files.items():
+            if name in ("node_ptr", "edge_ptr"):
+                base = a if name == "node_ptr" else e
+                out[s + 1:s + 1 + n_s] = base + arrays[name][1:]
+            else:
+                start, count = spans.get(name, (s, n_s))
+                out[start:start + count] = arrays[name]
+        self.done = [s + n_s, a + n_a, e + n_e]
+
+    def close(self, metadata: Mapping[str, Any] | None = None) -> None:
+        """Finishes the store: manifest with checksums, then the rename into place.
+
+        Raises:
+          ValueError: if fewer structures, atoms or edges were appended than announced.
+        """
+        if tuple(self.done) != self.totals:
+            raise ValueError(f"{self.path}: wrote {tuple(self.done)} (structures, atoms, edges) of {self.totals}")
+        for array in self.files.values():
+            array.flush()
+        self.files.clear()
+        files = {}
+        for file in sorted(self.tmp.glob("*.npy")):
+            with open(file, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            size = file.stat().st_size
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            files[file.stem] = {"bytes": size, "crc32": _file_crc32(file, size - nbytes), "shape": list(shape),
+                                "dtype": dtype.str}
+        manifest = {"format_version": STORE_FORMAT_VERSION, "num_structures": self.totals[0], "files": files,
+                    "metadata": dict(metadata or {})}
+        # Written last: a directory whose manifest parses is complete.
+        with open(self.tmp / _MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.files.clear()
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)

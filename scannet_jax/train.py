@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from scannet_jax import batching, checkpoints, datasets, losses, models, optim, parallel, reporting
 from scannet_jax.batching import BatchPlan
-from scannet_jax.graphs import Domain, GraphStore
+from scannet_jax.graphs import Domain, GraphStore, concat_ranges
 from scannet_jax.datasets import featurize
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,16 @@ class Datasets:
     def test(self) -> GraphStore:
         return self.split("test")
 
-    def domain(self, periodic: bool | None) -> Domain:
-        """The training split's elements; the size of the largest structure of any split."""
-        train = self.indices("train")
-        nodes = batching.concat_ranges(self.store.node_ptr[train], self.store.n_node[train])
-        elements = np.unique(self.store.atomic_numbers[nodes])
+    def domain(self, periodic: bool | None, chunk: int = 65536) -> Domain:
+        """The training split's elements; the size of the largest structure of any split.
+
+        The atoms are visited ``chunk`` structures at a time (bounded memory on large stores).
+        """
+        train, elements = self.indices("train"), set()
+        for start in range(0, len(train), chunk):
+            part = train[start:start + chunk]
+            nodes = concat_ranges(self.store.node_ptr[part], self.store.n_node[part])
+            elements.update(np.unique(self.store.atomic_numbers[nodes]).tolist())
         return Domain(frozenset(int(z) for z in elements), periodic, int(self.store.n_node.max(initial=1)))
 
 

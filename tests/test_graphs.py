@@ -134,3 +134,32 @@ def test_load_detects_truncation_checksum_and_version(tmp_path):
     (tmp_path / "s" / "manifest.json").unlink()
     with pytest.raises(CorruptStoreError, match="manifest.json: missing"):
         GraphStore.load(tmp_path / "s")
+
+
+def test_store_writer_appends_parts_into_one_mapped_store(tmp_path):
+    """Three copies written part by part equal GraphStore.concat of them; the loaded arrays are
+    memory-mapped; a writer left without close() leaves nothing behind."""
+    from scannet_jax.graphs import StoreWriter
+
+    store = random_store()[0]
+    n, a, e = store.num_structures, int(store.node_ptr[-1]), int(store.edge_ptr[-1])
+    with StoreWriter(tmp_path / "big", store, num_structures=3 * n, num_atoms=3 * a, num_edges=3 * e) as writer:
+        for k in range(3):
+            writer.append(store, index=store.index + k * n)
+        writer.close({"copies": 3})
+    loaded = GraphStore.load(tmp_path / "big", expect={"copies": 3})
+    expected = GraphStore.concat([store] * 3)
+    for name in ("atomic_numbers", "node_ptr", "edge_ptr", "senders", "receivers", "distances", "solid_angles",
+                 "relative_weights", "ring_aromatic"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(expected, name), err_msg=name)
+    np.testing.assert_array_equal(loaded.index, np.concatenate([store.index + k * n for k in range(3)]))
+    assert isinstance(loaded.distances, np.memmap) and not loaded.distances.flags.writeable
+    with pytest.raises(ValueError, match=r"wrote \(7, .*\) \(structures, atoms, edges\) of \(14, "):
+        with StoreWriter(tmp_path / "half", store, num_structures=2 * n, num_atoms=2 * a, num_edges=2 * e) as writer:
+            writer.append(store)
+            writer.close()
+    with pytest.raises(ValueError, match="beyond the store's totals"):
+        with StoreWriter(tmp_path / "over", store, num_structures=n, num_atoms=a, num_edges=e) as writer:
+            writer.append(store)
+            writer.append(store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # no half-written directory
