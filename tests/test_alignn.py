@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pickle
@@ -266,13 +267,35 @@ def test_loader_keeps_offsets_strides_and_dtypes():
 
 def test_links():
     """link "log": exp of the linear output, bias initialised to log(0.7); "logit": sigmoid."""
-    tiny = dict(alignn_layers=1, gcn_layers=1, embedding_features=4, hidden_features=8)
-    graph, line = padded(our_pairs(["cu_fcc"]))
-    variables = ALIGNN(AlignnConfig(link="log", **tiny)).init(jax.random.PRNGKey(0), graph, line, train=False)
+    graph, line = padded(our_pairs(["cu_fcc"]), SINGLE)
+    head = AlignnConfig(alignn_layers=0, gcn_layers=0, embedding_features=2, hidden_features=2)  # only the head
+    variables = jax.jit(functools.partial(ALIGNN(dataclasses.replace(head, link="log")).init, train=False))(
+        jax.random.PRNGKey(0), graph, line)
     np.testing.assert_allclose(variables["params"]["fc"]["bias"], [np.log(0.7)], rtol=1e-6)
-    linear = ALIGNN(AlignnConfig(**tiny)).apply(variables, graph, line, train=False)
+    linear = np.asarray(apply_fn(head, False)(variables, graph, line)[0])
     for link, fn in (("log", np.exp), ("logit", lambda v: 1 / (1 + np.exp(-v)))):
-        out = ALIGNN(AlignnConfig(link=link, **tiny)).apply(variables, graph, line, train=False)
-        np.testing.assert_allclose(out, fn(np.asarray(linear)), rtol=1e-6)
+        config = dataclasses.replace(head, link=link)
+        np.testing.assert_allclose(apply_fn(config, False)(variables, graph, line)[0], fn(linear), rtol=1e-6)
     with pytest.raises(ValueError, match="link must be one of"):
         AlignnConfig(link="relu")
+
+
+def test_train_gradients_finite_and_blind_to_padding():
+    """Loss gradients (train mode) are finite and the same for two paddings of one structure."""
+    pair = our_pairs(["srtio3"])[0]
+    model = ALIGNN(AlignnConfig(alignn_layers=1, gcn_layers=1, embedding_features=4, hidden_features=8))
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), *padded([pair]))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.5 * rng.normal(size=x.shape), jnp.float32),
+                                    shapes["params"])
+    batch_stats = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape), shapes["batch_stats"])  # unused in train mode
+
+    def loss(params, graph, line):
+        pred, _ = model.apply({"params": params, "batch_stats": batch_stats}, graph, line,
+                              train=True, mutable=["batch_stats"])
+        return (pred[0] - 1.0) ** 2
+
+    grad = jax.jit(jax.grad(loss))
+    a, b = grad(params, *padded([pair], SINGLE)), grad(params, *padded([pair]))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(a))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
