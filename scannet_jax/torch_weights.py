@@ -180,7 +180,8 @@ def alignn_variables_from_state_dict(state_dict: Mapping[str, np.ndarray],
             value = value.T
         if value.shape != shape:
             torch_shape = tuple(np.shape(state_dict[name]))
-            problems.append(f"shape of {name}: {torch_shape}, expected {shape[::-1] if path[-1] == 'kernel' else shape}")
+            expected_shape = shape[::-1] if path[-1] == "kernel" else shape
+            problems.append(f"shape of {name}: {torch_shape}, expected {expected_shape}")
             continue
         flat[collection][path] = value
     for name, bins, lo, hi in (("edge_embedding.0.centers", config.edge_input_features, 0.0, 8.0),

@@ -151,7 +151,8 @@ def formula_state_dict(layout):
 
 def test_default_model_parameters_layout_and_prediction():
     layout = META["default_state_dict"]
-    expected = {name: tuple(shape) for name, shape, _ in layout if not name.endswith(("num_batches_tracked", "centers"))}
+    expected = {name: tuple(shape) for name, shape, _ in layout
+                if not name.endswith(("num_batches_tracked", "centers"))}
     names = torch_names(AlignnConfig())
     assert set(names) == set(expected)
     assert all(tuple(s if c == "batch_stats" or p[-1] != "kernel" else s[::-1]) == expected[n]

@@ -41,12 +41,10 @@ def test_bonds_match_reference(name):
     nb = knn_from_arrays(GRAPHS[f"{name}.positions"], GRAPHS[f"{name}.cell"], True)
     ref_keys, ref_vectors = reference_bonds(name)
     assert Counter(our_bonds(nb)) == Counter(ref_keys)
-    # Same vectors per key (float32 reference): compare after sorting both by key.
-    ours = np.array(nb.vectors)[np.lexsort(np.array([k[2] for k in our_bonds(nb)]).T[::-1].tolist()
-                                           + [nb.senders, nb.receivers])]
-    order = np.lexsort(np.array([k[2] for k in ref_keys]).T[::-1].tolist()
-                       + [np.array([k[1] for k in ref_keys]), np.array([k[0] for k in ref_keys])])
-    np.testing.assert_allclose(ours, ref_vectors[order], atol=2e-6)
+    # Same vectors per key (the reference's are float32): pair them up in key order.
+    ours = sorted(zip(our_bonds(nb), nb.vectors.tolist()))
+    ref = sorted(zip(ref_keys, ref_vectors.tolist()))
+    np.testing.assert_allclose([v for _, v in ours], [v for _, v in ref], atol=2e-6)
     np.testing.assert_allclose(nb.distances, np.linalg.norm(nb.vectors, axis=1), rtol=1e-12)
     # Conventions of neighbors.Neighbors: vector = x_sender + shift @ cell - x_receiver, sorted by receiver.
     pos, cell = GRAPHS[f"{name}.positions"], GRAPHS[f"{name}.cell"]
