@@ -110,6 +110,10 @@ def knn_from_arrays(
 def _pairs_within(positions: np.ndarray, offsets: np.ndarray, images: np.ndarray, r: float):
     """(i, j, image, d) with BOND_TOL < d <= r, d = |offset + x_j - x_i|, jarvis' arithmetic."""
     n = positions.shape[0]
+    lo, hi = positions.min(axis=0), positions.max(axis=0)
+    gap = np.maximum(0.0, np.maximum(lo + offsets - hi, lo - hi - offsets))  # [M, 3] box-to-box distance
+    near = np.sum(gap**2, axis=1) <= r * r  # images that can hold a pair within r (exact bound)
+    offsets, images = offsets[near], images[near]
     out = []
     step = max(1, _MAX_PAIRS_PER_CHUNK // (n * n))
     for start in range(0, len(images), step):
