@@ -1,7 +1,8 @@
 """Entry point: ``python main.py --config=configs/qm9.py:homo --workdir=runs/qm9_homo``.
 
 Trains (or resumes, if ``--workdir`` holds a checkpoint) and evaluates one model; every config
-field can be overridden, e.g. ``--config.batch_size=64``. ``python main.py predict ...`` is
+field can be overridden, e.g. ``--config.batch_size=64``. SIGTERM or Ctrl-C saves a checkpoint
+and exits with status 128 + the signal number (143, 130); the same command resumes. ``python main.py predict ...`` is
 handed to ``scannet_jax.cli_predict.main(argv)`` (the arguments after ``predict``).
 """
 
@@ -34,7 +35,9 @@ def main(argv: list[str]) -> None:
     std_logging.getLogger().addHandler(log_file)
     logging.set_verbosity(logging.WARNING)  # libraries logging through absl (Orbax) only warn
     std_logging.getLogger("scannet_jax").setLevel(std_logging.INFO)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if "signal" in results:  # stopped by SIGTERM / SIGINT after saving a checkpoint
+        sys.exit(128 + results["signal"])
 
 
 def run() -> None:

@@ -101,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.patience = 200  # early stopping on validation MAE, epochs
     config.max_wall_time_s = 0.0  # whole run incl. final evaluation (estimated); 0 = no limit
     config.final_train_eval_limit = 0  # final training-split MAE on this many molecules; 0 = all
-    config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints; 0 = at epoch ends only
+    config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints every N steps; 0 = none
+    config.checkpoint_every_minutes = 10.0  # and every N minutes (a killed run loses at most that); 0 = off
     config.checkpoints_to_keep = 2
     config.log_every_steps = 50
     config.init_from = ""  # fine-tune: a workdir, checkpoint dir, or original .npz/.h5 weights

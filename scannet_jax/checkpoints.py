@@ -371,3 +371,94 @@ def grow_embeddings(loaded: Any, params: Any, path: str | Path) -> Any:
         return grow(keys, tree, fresh)
 
     return walk(dict(loaded), dict(params), ())
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another training run holds the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the life of one training run (process 0 of it).
+
+    An advisory ``fcntl`` lock on ``workdir/lock`` that also records ``pid@host``; the kernel
+    drops it when the holder exits, however it exits, so a killed run never leaves a stale lock.
+
+    Raises:
+      WorkdirBusyError: naming the holder's PID and host, if another run holds it.
+    """
+
+    def __init__(self, workdir: Path):
+        import fcntl
+        import os
+        import socket
+
+        self.path = Path(workdir) / "lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "an unknown process"
+            self._file.close()
+            raise WorkdirBusyError(f"{workdir} is in use by another training run ({holder}, lock file "
+                                   f"{self.path}); wait for it to end or use another --workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def check_workdir_config(workdir: Path, config: dict[str, Any]) -> None:
+    """Refuses, before anything in ``workdir`` is written, a run whose config is incompatible
+    with the one the workdir already records (`COMPATIBILITY_KEYS`).
+
+    Raises:
+      CheckpointError: listing the differences; nothing in the workdir was changed.
+    """
+    saved = Path(workdir) / CONFIG_FILE
+    if not saved.is_file():
+        return
+    try:
+        problems = config_mismatch(json.loads(saved.read_text()), config)
+    except ValueError as err:
+        raise CheckpointError(f"{saved}: unreadable ({err}); nothing in {workdir} was changed") from err
+    if problems:
+        raise CheckpointError(f"{workdir} holds a run with an incompatible config ({'; '.join(problems)}); "
+                              f"nothing in it was changed: use another --workdir")
+
+
+# What a finished or abandoned run leaves beside its checkpoints.
+RUN_OUTPUTS = (BEST_DIR, "metrics.jsonl", "results.json", "parity_test.png", "learning_curves.png")
+
+
+def archive_earlier_run(workdir: Path) -> Path | None:
+    """Moves the outputs of an earlier run that left no periodic checkpoint (``best/``,
+    ``metrics.jsonl``, results, plots) into ``workdir/previous/<UTC time>/``, so that a fresh run
+    neither reuses its best parameters nor appends to its metrics; nothing is deleted.
+
+    Returns:
+      The folder they went to, or None if there was nothing to move.
+    """
+    import time
+
+    workdir = Path(workdir)
+    present = [name for name in RUN_OUTPUTS if (workdir / name).exists()]
+    if not present:
+        return None
+    folder = workdir / "previous" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        (workdir / name).replace(folder / name)
+    log.warning("%s held outputs of an earlier run without a checkpoint to resume (%s): moved to %s",
+                workdir, ", ".join(present), folder)
+    return folder
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a finalised step."""
+    root = Path(workdir) / PERIODIC_DIR
+    return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())

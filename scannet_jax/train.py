@@ -25,6 +25,8 @@ import dataclasses
 import functools
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -150,25 +152,27 @@ def make_datasets(store: GraphStore, splits: dict[str, np.ndarray], target: str,
                     std if std > 0 else 1.0)
 
 
+def data_source(data: ml_collections.ConfigDict) -> datasets.Source:
+    """The data set's own options of ``config.data``."""
+    return datasets.Source(limit=data.limit or None, source_dir=data.source_dir, paths=data.paths,
+                           file_format=data.file_format,
+                           columns=tuple(data.columns.split(":")) if data.columns else (),
+                           group_by=data.group_by, molecules=data.molecules)
+
+
+def training_periodicity(data: ml_collections.ConfigDict) -> bool | None:
+    """Whether ``config.data``'s structures are crystals (True), molecules (False) or either."""
+    return datasets.periodicity(data.dataset, data_source(data))
+
+
 def get_datasets(config: ml_collections.ConfigDict) -> Datasets:
     """Loads ``config.data``'s data set (`datasets.load`) and its target scaler."""
     data = config.data
     store, splits = datasets.load(
-        data.dataset,
-        featurizer=featurize.graph_settings(data.graph_builder, data.featurizer.to_dict()),
-        source=datasets.Source(limit=data.limit or None, source_dir=data.source_dir, paths=data.paths,
-                               file_format=data.file_format,
-                               columns=tuple(data.columns.split(":")) if data.columns else (),
-                               group_by=data.group_by, molecules=data.molecules),
-        cache_dir=data.data_dir or None, ring=data.ring, num_workers=data.num_workers or None,
-        seed=config.split_seed)
+        data.dataset, featurizer=featurize.graph_settings(data.graph_builder, data.featurizer.to_dict()),
+        source=data_source(data), cache_dir=data.data_dir or None, ring=data.ring,
+        num_workers=data.num_workers or None, seed=config.split_seed)
     return make_datasets(store, splits, data.target, data.standardize)
-
-
-def training_periodicity(data: ml_collections.ConfigDict) -> bool | None:
-    """False when every training structure is featurised as a molecule; None for a ``files``
-    data set that keeps each file's own periodicity (possibly mixed, so not checked)."""
-    return False if data.dataset != "files" or data.molecules else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +436,7 @@ class RunSettings:
     patience: int
     max_wall_time_s: float
     checkpoint_every_steps: int
+    checkpoint_every_minutes: float
     log_every_steps: int
     prefetch: int
     target: str
@@ -441,6 +446,7 @@ class RunSettings:
     def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
         return cls(seed=config.seed, num_epochs=config.num_epochs, patience=config.patience,
                    max_wall_time_s=config.max_wall_time_s, checkpoint_every_steps=config.checkpoint_every_steps,
+                   checkpoint_every_minutes=config.checkpoint_every_minutes,
                    log_every_steps=max(config.log_every_steps, 1), prefetch=config.prefetch,
                    target=config.data.target, units=config.data.units)
 
@@ -488,6 +494,7 @@ class WallClock:
         self.final_structures = final_structures
         self.final_eval_s = 0.0
         self.measured = False
+        self.last_save = self.start
 
     def train_speed(self, structures_per_s: float) -> None:
         """Estimates the final evaluation from the training speed, until one is measured."""
@@ -499,6 +506,14 @@ class WallClock:
         """Sets the final evaluation time from a measured evaluation speed."""
         self.final_eval_s = FINAL_EVAL_MARGIN * self.final_structures / max(structures_per_s, 1e-9) + FINAL_EVAL_OVERHEAD_S
         self.measured = True
+
+    def saved(self) -> None:
+        """A checkpoint was just written."""
+        self.last_save = time.time()
+
+    def checkpoint_due(self, every_minutes: float) -> bool:
+        """Whether ``every_minutes`` have passed since the last checkpoint (or the start)."""
+        return every_minutes > 0 and time.time() - self.last_save >= 60.0 * every_minutes
 
     def out_of_time(self) -> bool:
         return bool(self.limit_s) and time.time() - self.start + self.final_eval_s > self.limit_s
@@ -585,19 +600,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
     multi-process run must have called ``parallel.initialize_distributed`` first (``main.py``
     does).
 
+    Before anything is written the workdir is locked (`checkpoints.WorkdirLock`: a second run on
+    it is refused, naming the first) and checked (`checkpoints.check_workdir_config`: a run with
+    an incompatible config is refused); the outputs of an earlier run that left no checkpoint
+    are moved to ``previous/``. SIGTERM or SIGINT saves a checkpoint and stops the run (resumed
+    by the next start); a checkpoint is also written every ``checkpoint_every_minutes``.
+
     Writes to ``workdir``: ``config.json``, ``target_scaler.json``, ``domain.json``,
     ``checkpoints/``, ``best/``, ``metrics.jsonl`` (one line per epoch and per log interval),
     ``results.json`` (metrics of every split with the best-validation params, in target units)
     and PNGs (test parity plot, learning curves).
 
     Returns:
-      The contents of ``results.json``.
+      The contents of ``results.json``; after a signal, ``{"stop_reason", "signal"}`` only.
+
+    Raises:
+      checkpoints.WorkdirBusyError: another run holds the workdir.
+      checkpoints.CheckpointError: the workdir holds a run with an incompatible config.
     """
+    workdir_path = Path(workdir).absolute()
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    config_dict = config.to_dict()
+    lock = checkpoints.WorkdirLock(workdir_path) if jax.process_index() == 0 else None
+    try:
+        checkpoints.check_workdir_config(workdir_path, config_dict)
+        if jax.process_count() == 1 and not checkpoints.has_checkpoint(workdir_path):
+            checkpoints.archive_earlier_run(workdir_path)
+        with StopSignals() as stop_signals:
+            return _train(config, config_dict, workdir_path, datasets, stop_signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to checkpoint and stop (inside the ``with`` block;
+    the previous handlers come back afterwards). Only the main thread can install handlers;
+    elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _agreed(*flags: bool) -> list[bool]:
+    """Host-side flags OR-ed over all processes (every process takes the same branch)."""
+    values = np.array(flags, np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(flags)).max(0)
+    return [bool(v) for v in values]
+
+
+def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workdir_path: Path,
+           datasets: Datasets | None, stop_signals: StopSignals) -> dict[str, Any]:
+    """The body of `train_and_evaluate`, once the workdir is locked and checked."""
     from tqdm import tqdm
 
     run = RunSettings.from_config(config)
-    workdir_path = Path(workdir).absolute()
-    workdir_path.mkdir(parents=True, exist_ok=True)
     log.info("devices: %d (%d local) %s", jax.device_count(), jax.local_device_count(), jax.devices()[0].platform)
     trainer = setup(config, datasets)
     mesh, data, train_plan, plans, steps = trainer.mesh, trainer.data, trainer.train_plan, trainer.eval_plans, trainer.steps
@@ -608,7 +685,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
     log.info("splits: %s; target %s mean %.6g std %.6g %s (training split)",
              {k: len(data.indices(k)) for k in SPLITS}, run.target, data.mean, data.std, run.units)
 
-    config_dict = config.to_dict()
     ckpt = checkpoints.Checkpointer(workdir_path, config_dict, keep=config.checkpoints_to_keep)
     checkpoints.write_json(workdir_path / checkpoints.CONFIG_FILE, config_dict)
     checkpoints.write_json(workdir_path / checkpoints.SCALER_FILE,
@@ -622,8 +698,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
     if restored is not None:
         state, meta = restored
         loop = LoopState.from_json(meta["loop"])
-        if loop.stop_reason.startswith("max_wall_time_s"):
-            loop.stop_reason = ""  # a new wall-time budget starts now
+        if loop.stop_reason.startswith(("max_wall_time_s", "stopped by")):
+            loop.stop_reason = ""  # a new start: a new wall-time budget, the signal is past
         schedule.load_state_dict(meta["schedule"])
         log.info("resuming from %s/%d: epoch %d, batch %d of %d", workdir_path / checkpoints.PERIODIC_DIR,
                  int(state.step), loop.epoch, loop.batch_index, steps_per_epoch)
@@ -670,10 +746,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
                               "epoch_progress": epoch + loop.batch_index / steps_per_epoch,
                               "running_train_loss": running["loss"],
                               "running_train_mae": running["mae"], "train_mol_per_s": rate})
-            if (run.checkpoint_every_steps and loop.batch_index % run.checkpoint_every_steps == 0
-                    and not last_batch):
+            step_due = bool(run.checkpoint_every_steps) and loop.batch_index % run.checkpoint_every_steps == 0
+            signalled = time_due = False
+            if loop.batch_index % run.log_every_steps == 0 or step_due:
+                signalled, time_due = _agreed(stop_signals.received is not None,
+                                              clock.checkpoint_due(run.checkpoint_every_minutes))
+            if signalled:
+                name = signal.Signals(stop_signals.received or signal.SIGTERM).name
+                loop.stop_reason = f"stopped by {name} in epoch {epoch}"
+                break
+            if (step_due or time_due) and not last_batch:
                 loop.epoch_sums = _host(sums)
                 ckpt.save(int(state.step), state, meta())
+                clock.saved()
             if clock.out_of_time():
                 loop.stop_reason = f"max_wall_time_s={run.max_wall_time_s} reached in epoch {epoch}"
                 break
@@ -681,6 +766,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
         if loop.stop_reason:
             loop.epoch_sums = _host(sums) if sums else None
             ckpt.save(int(state.step), state, meta())
+            clock.saved()
             break
         train_metrics = _summarise(_host(sums))
         epoch_time = time.time() - epoch_start
@@ -707,11 +793,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
         elif clock.out_of_time():
             loop.stop_reason = f"max_wall_time_s={run.max_wall_time_s} reached after epoch {epoch}"
         ckpt.save(int(state.step), state, meta())
+        clock.saved()
         stop = loop.stop_reason != ""
     if not loop.stop_reason:
         loop.stop_reason = f"num_epochs={run.num_epochs} reached"
     ckpt.wait_until_finished()
     log.info("training stopped: %s", loop.stop_reason)
+    if loop.stop_reason.startswith("stopped by"):
+        ckpt.close()
+        print(f"{loop.stop_reason}: checkpoint saved at step {int(state.step)} in {workdir_path}; "
+              "the next start resumes from it", flush=True)
+        return {"stop_reason": loop.stop_reason, "signal": int(stop_signals.received or signal.SIGTERM)}
 
     results = _final_evaluation(run, workdir_path, ckpt, trainer, state, loop, writer)
     results["config"] = config_dict

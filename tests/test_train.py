@@ -384,3 +384,74 @@ def test_main_rejects_bad_override(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "batch_size" in run.stderr and "many" in run.stderr
+
+
+def test_incompatible_run_is_refused_before_anything_is_written(fixture_run, tmp_path):
+    """A second run with another featuriser on a finished workdir is refused, and every file the
+    first run wrote is unchanged (predict would otherwise featurise or label differently)."""
+    import shutil
+
+    from scannet_jax import checkpoints, train
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(fixture_run[0], workdir)
+    before = {p: p.read_bytes() for p in workdir.glob("*.json")}
+    with pytest.raises(checkpoints.CheckpointError, match=r"incompatible config \(data.featurizer.cutoff: 4.0 -> 6.0\)"
+                                                          r".*nothing in it was changed"):
+        train.train_and_evaluate(fixture_config(**{"data.featurizer.cutoff": 6.0}), str(workdir),
+                                 datasets=fixture_datasets())
+    assert {p: p.read_bytes() for p in workdir.glob("*.json")} == before
+
+
+def test_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
+    import os
+
+    from scannet_jax import checkpoints, train
+
+    lock = checkpoints.WorkdirLock(tmp_path)
+    try:
+        with pytest.raises(checkpoints.WorkdirBusyError, match=rf"in use by another training run \(PID {os.getpid()} on host"):
+            train.train_and_evaluate(fixture_config(), str(tmp_path), datasets=fixture_datasets())
+    finally:
+        lock.release()
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_fresh_run_moves_an_earlier_runs_outputs_aside(fixture_run, tmp_path):
+    """checkpoints/ deleted, best/ and metrics.jsonl kept: the new run does not report the old
+    best epoch nor append to the old metrics; the old outputs are kept under previous/."""
+    import shutil
+
+    from scannet_jax import train
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(fixture_run[0], workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    old_metrics = (workdir / "metrics.jsonl").read_text()
+    results = train.train_and_evaluate(fixture_config(num_epochs=1), str(workdir), datasets=fixture_datasets())
+    assert results["best_epoch"] == 0 and results["epochs_run"] == 1
+    epochs = [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+              if "val_mae" in line]
+    assert epochs == [0]
+    (previous,) = (workdir / "previous").iterdir()
+    assert (previous / "metrics.jsonl").read_text() == old_metrics and (previous / "best").is_dir()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(tmp_path):
+    import signal
+
+    cache = tmp_path / "jax_cache"
+    run = _start(tmp_path / "run", cache, "--epochs=200")
+    deadline = time.time() + 300
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while time.time() < deadline and run.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out[-3000:]  # the test script returns normally after the stop
+    assert "stopped by SIGTERM" in out and "checkpoint saved at step" in out
+    assert not (tmp_path / "run" / "results.json").exists()
+    resumed = subprocess.run([sys.executable, __file__, "--workdir", str(tmp_path / "run"), "--epochs=1"],
+                             env=_subprocess_env(cache), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "Resuming from checkpoint step" in resumed.stdout

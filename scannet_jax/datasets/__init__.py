@@ -11,6 +11,7 @@ A new data set plugs in with one `register` call.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,8 @@ class Source:
 
     Attributes:
       limit: ``qm9``: only the first ``limit`` molecules (None = all).
-      source_dir: ``fullerene``, ``pt_graphene``: the folder of the chunk files ("" = ``data/<name>``).
+      source_dir: ``fullerene``, ``pt_graphene``: the folder of the chunk files ("" = ``data/<name>``);
+        ``mp_*``: the folder of the converted Materials Project files ("" = ``data/mp``).
       paths: ``files``: comma-separated glob patterns.
       file_format: ``files``: ``property_xyz``, ``extxyz`` or ``ase``.
       columns: ``files``: target names (for ``property_xyz`` every comment-line value, in order).
@@ -48,14 +50,25 @@ class Source:
 
 Loader = Callable[..., tuple[GraphStore, dict[str, np.ndarray]]]
 DATASETS: dict[str, Loader] = {}
+# name -> True (crystals), False (molecules) or None (each file decides unless Source.molecules)
+PERIODIC: dict[str, bool | None] = {}
 
 
-def register(name: str, loader: Loader) -> None:
+def register(name: str, loader: Loader, periodic: bool | None) -> None:
     """Adds a data set under ``name``; ``loader(featurizer, source, *, cache_dir, ring,
-    num_workers, seed) -> (store, splits)``."""
+    num_workers, seed) -> (store, splits)``; ``periodic`` says what its structures are."""
     if name in DATASETS:
         raise ValueError(f"data set {name!r} is already registered")
     DATASETS[name] = loader
+    PERIODIC[name] = periodic
+
+
+def periodicity(name: str, source: Source) -> bool | None:
+    """True when every structure of the data set is featurised as a crystal, False when every
+    one is a molecule, None when it is not known (files keeping their own periodicity)."""
+    if source.molecules and PERIODIC[name] is None:
+        return False
+    return PERIODIC[name]
 
 
 def load(
@@ -108,6 +121,40 @@ def _md(name: str) -> Loader:
     return loader
 
 
-register("qm9", _qm9)
-for _name in ("fullerene", "pt_graphene", "files"):
-    register(_name, _md(_name))
+def _mp(name: str) -> Loader:
+    """A Materials Project set of ``data/mp`` (`mp.read`) with its stored split (``seed`` unused:
+    every model trains and is tested on the same crystals)."""
+
+    def loader(featurizer: Any, source: Source, *, cache_dir: str | os.PathLike | None, ring: bool,
+               num_workers: int | None, seed: int) -> tuple[GraphStore, dict[str, np.ndarray]]:
+        del seed
+        from scannet_jax import structures
+        from scannet_jax.datasets import featurize, mp
+
+        atoms, splits = mp.read(name, source.source_dir or None)
+        target = mp.DATASETS[name].target
+        crystals = [structures.from_atoms(a) for a in atoms]
+        values = np.array([a.info[target] for a in atoms], np.float64)
+        digest = hashlib.sha256()
+        for c in crystals:
+            for array in (c.numbers, c.positions, c.cell):
+                digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(values.tobytes())
+        keyed = f"mp_{name}-{digest.hexdigest()[:12]}"
+        path = featurize.cache_path(cache_dir, keyed, featurizer, ring)
+        store = featurize.cached_store(
+            path / "graphs",
+            lambda: featurize.build_store(crystals, featurizer, targets={target: values}, ring=ring,
+                                          num_workers=num_workers),
+            metadata=featurize.cache_metadata(keyed, featurizer, ring), invalidate=path)
+        return store, splits
+
+    return loader
+
+
+register("qm9", _qm9, periodic=False)
+register("fullerene", _md("fullerene"), periodic=False)  # MD frames are molecules
+register("pt_graphene", _md("pt_graphene"), periodic=False)
+register("files", _md("files"), periodic=None)
+for _name in ("e_form", "gap"):
+    register(f"mp_{_name}", _mp(_name), periodic=True)
