@@ -228,7 +228,7 @@ class MEGNetBranch(nn.Module):
         """Args: nodes [N, Dv], edges [E, De], state [G, Du] float32; ``graphs`` the topology.
 
         Returns:
-          [G, num_outputs] graph embeddings (garbage-free but meaningless on padding graphs).
+          [G, num_outputs] graph embeddings (finite but meaningless on padding graphs).
         """
         act = ACTIVATIONS[self.activation]
         node_graph, edge_graph, node_mask, edge_mask, _ = _segments(graphs)

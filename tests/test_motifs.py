@@ -106,6 +106,7 @@ def test_isolated_motif_gets_one_self_loop_of_distance_zero():
     np.testing.assert_array_equal(g.shifts, [[0, 0, 0]])
 
 
+@pytest.mark.filterwarnings("ignore:.*(oxidation states|appropriate radius).*:UserWarning")
 def test_fingerprint_matches_matminer():
     """CrystalNN "ops" fingerprint of a rattled rutile Ti site, against matminer 0.10.1's
     ``SiteStatsFingerprint.from_preset("CrystalNNFingerprint_ops", stats=None)`` (with pymatgen
