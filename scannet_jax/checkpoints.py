@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -111,7 +112,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({**meta, "config": self.config}),
+                meta=ocp.args.JsonSave({**meta, "config": self.config, "digests": tree_digests(state)}),
             ),
         )
 
@@ -124,7 +125,7 @@ class Checkpointer:
             epoch,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(best),
-                meta=ocp.args.JsonSave({**meta, "config": self.config}),
+                meta=ocp.args.JsonSave({**meta, "config": self.config, "digests": tree_digests(best)}),
             ),
         )
 
@@ -197,6 +198,31 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
+def _host_array(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))  # replicated: every copy is the same
+    return np.asarray(x)
+
+
+def tree_digests(tree: Any) -> dict[str, str]:
+    """CRC-32 (hex) of every array of ``tree``, by its leaf name (as Orbax names it)."""
+    return {_leaf_name(path): f"{zlib.crc32(np.ascontiguousarray(_host_array(leaf)).tobytes()):08x}"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def verify_digests(tree: Any, meta: dict[str, Any], where: Path) -> None:
+    """Raises CheckpointError naming the arrays of ``tree`` whose CRC-32 differs from the one
+    recorded at save time (silent corruption of a checkpoint's data files). Checkpoints written
+    before digests were recorded are not checked."""
+    recorded = meta.get("digests")
+    if not recorded:
+        return
+    bad = [name for name, crc in tree_digests(tree).items() if name in recorded and recorded[name] != crc]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} array(s) differ from what was saved (corrupted data "
+                              f"files): {', '.join(bad[:5])}")
+
+
 def _leaf_name(path: tuple) -> str:
     parts = []
     for key in path:
@@ -232,12 +258,14 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract: Any, config: d
     problems = _shape_mismatch(manager, step, abstract)
     if problems:
         raise ValueError(f"{len(problems)} array(s) of another shape or dtype: " + "; ".join(problems[:5]))
-    return manager.restore(
+    restored = manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         ),
     )
+    verify_digests(restored.state, dict(restored.meta), Path(manager.directory) / str(step))
+    return restored
 
 
 def _describe(err: Exception) -> str:
@@ -300,6 +328,7 @@ def load_pretrained(path: str | Path) -> Pretrained:
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{root / str(step)}: {_describe(err)}") from err
     tree, meta = jax.device_get(restored.state), dict(restored.meta)
+    verify_digests(tree, meta, root / str(step))
     params = tree["params"]
     scaler = None
     if "target_mean" in tree:

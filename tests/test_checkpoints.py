@@ -113,3 +113,26 @@ def test_config_mismatch_ignores_run_length():
     a = {"model": {"x": 1}, "num_epochs": 3, "data": {"target": "homo", "limit": 0}}
     b = {"model": {"x": 1}, "num_epochs": 9, "data": {"target": "lumo", "limit": 5}}
     assert checkpoints.config_mismatch(a, b) == ["data.target: 'homo' -> 'lumo'"]
+
+
+def test_arrays_that_differ_from_their_saved_digest_are_refused(tmp_path, caplog):
+    """Every saved array's CRC-32 is recorded in the step's meta and checked on restore. Orbax's
+    own checksums cover its index nodes, not every data chunk, so silently changed numbers can
+    restore without an error; here the recorded digest of one array is made to disagree
+    (equivalent to its data changing after the save). Training falls back to the previous step;
+    load_pretrained refuses, naming the directory and the array."""
+    import json
+
+    _save_steps(tmp_path).close()
+    (meta_file,) = [f for f in (tmp_path / "checkpoints" / "7" / "meta").rglob("*")
+                    if f.is_file() and b'"digests"' in f.read_bytes()]
+    meta = json.loads(meta_file.read_text())
+    meta["digests"]["params.dense.kernel"] = "00000000"
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.ERROR):
+        state, _ = checkpoints.Checkpointer(tmp_path, CONFIG).restore_latest(_state(0))
+    _assert_tree_equal(state, _state(3))
+    assert "differ from what was saved" in caplog.text and "params.dense.kernel" in caplog.text
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoints/7: 1 array\(s\) differ from what was saved"
+                                                          r".*params.dense.kernel"):
+        checkpoints.load_pretrained(tmp_path / "checkpoints" / "7")
