@@ -37,7 +37,10 @@ import numpy as np
 from scannet_jax import models
 from scannet_jax.models import ScannConfig, default_model_config, scann_config
 
-ORIGINAL_IGNORED_KEYS = ("scale",)  # read by the original's config but not used by its model
+ORIGINAL_IGNORED_KEYS = ("scale",)
+# A weight may declare at most this many times the file's size (Keras weights are stored raw);
+# a larger declaration is refused before anything is allocated.
+MAX_WEIGHT_EXPANSION = 64  # read by the original's config but not used by its model
 
 
 class KerasWeight(NamedTuple):
@@ -257,6 +260,7 @@ def _read_h5(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     def text(x: Any) -> str:
         return x.decode("utf8") if isinstance(x, bytes) else str(x)
 
+    limit = max(MAX_WEIGHT_EXPANSION * path.stat().st_size, 1 << 20)  # bytes one dataset may declare
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         if "layer_names" not in root.attrs:
@@ -265,10 +269,18 @@ def _read_h5(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         for layer in map(text, root.attrs["layer_names"]):
             group = root[layer]
             for name in map(text, group.attrs.get("weight_names", [])):
-                if name not in group:
+                if name not in group or not isinstance(group[name], h5py.Dataset):
                     raise ValueError(f"{path}: layer {layer!r} lists weight {name!r} but has no dataset for it")
+                dataset = group[name]
+                if dataset.external or dataset.is_virtual:
+                    raise ValueError(f"{path}: weight {name!r} keeps its data in another file "
+                                     f"({'virtual' if dataset.is_virtual else dataset.external[0][0]}); refused")
+                declared = dataset.size * dataset.dtype.itemsize
+                if declared > limit:
+                    raise ValueError(f"{path}: weight {name!r} declares shape {dataset.shape} ({declared:,} bytes) in a "
+                                     f"{path.stat().st_size:,}-byte file; refused before reading")
                 names.append(name)
-                weights[name] = np.asarray(group[name])
+                weights[name] = np.asarray(dataset)
     return names, weights
 
 

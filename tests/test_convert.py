@@ -278,3 +278,30 @@ def test_keras_layout_covers_exactly_the_model_params(switches):
     layout = convert.keras_weight_layout(config)
     assert {w.path: w.shape for w in layout} == flat
     assert len({w.name for w in layout}) == len(layout)
+
+
+def test_keras_h5_refuses_huge_declarations_and_external_storage(tmp_path):
+    """A small file declaring a 6e8-element weight is refused before anything is allocated; a
+    weight whose data lives in another local file (HDF5 external storage) is refused too."""
+    names, weights, original_config = original_weights("scannplus")
+    first = names[0]
+
+    def rewrite(path: Path, make) -> Path:
+        write_keras_h5(path, names, weights, False)
+        with h5py.File(path, "r+") as f:
+            group = next(f[layer] for layer in f.attrs["layer_names"] if first in f[layer])
+            del group[first]
+            make(group, first)
+        return path
+
+    huge = rewrite(tmp_path / "huge.h5", lambda g, n: g.create_dataset(n, shape=(600_000_000,), dtype="f4",
+                                                                      chunks=(1024,)))
+    assert huge.stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match=rf"weight '{first}' declares shape \(600000000,\) .* refused before reading"):
+        convert.load_original_weights(huge, config=original_config)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(weights[first].size, dtype=weights[first].dtype).tobytes())
+    external = rewrite(tmp_path / "external.h5", lambda g, n: g.create_dataset(
+        n, shape=weights[n].shape, dtype=weights[n].dtype, external=[(str(secret), 0, secret.stat().st_size)]))
+    with pytest.raises(ValueError, match=rf"weight '{first}' keeps its data in another file \({secret}\); refused"):
+        convert.load_original_weights(external, config=original_config)
