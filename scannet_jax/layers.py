@@ -38,15 +38,52 @@ def keras_dense(features: int, name: str, dtype: Dtype = jnp.float32) -> nn.Dens
     )
 
 
-def keras_layer_norm(name: str) -> nn.LayerNorm:
+@jax.custom_vjp
+def _normalise(x: jax.Array) -> jax.Array:
+    """(x − mean) / sqrt(var + eps) over the last axis, two-pass variance as Keras, float32."""
+    return _normalise_fwd(x)[0]
+
+
+def _normalise_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + LAYER_NORM_EPSILON)
+    normalised = centred * rstd
+    return normalised, (normalised, rstd)
+
+
+def _normalise_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    # dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)): one pass over each row for the two means and
+    # one for dx, instead of autodiff's chain through both passes of the variance.
+    normalised, rstd = residuals
+    mean_g = jnp.mean(g, axis=-1, keepdims=True)
+    mean_gx = jnp.mean(g * normalised, axis=-1, keepdims=True)
+    return (rstd * (g - mean_g - normalised * mean_gx),)
+
+
+_normalise.defvjp(_normalise_fwd, _normalise_bwd)
+
+
+class KerasLayerNorm(nn.Module):
+    """LayerNorm over the feature axis as Keras computes it (two-pass variance, eps 1e-6, float32).
+
+    Same parameters as ``nn.LayerNorm`` (``scale`` [F] ones, ``bias`` [F] zeros) and the same
+    forward values, with a hand-written gradient: on edge arrays [E, D] autodiff through the
+    two-pass variance materialises several [E, D] temporaries per LayerNorm that this avoids.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps x [..., F] to [..., F] float32."""
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return _normalise(x.astype(jnp.float32)) * scale + bias
+
+
+def keras_layer_norm(name: str) -> KerasLayerNorm:
     """LayerNorm over the feature axis as Keras computes it (two-pass variance, eps 1e-6, float32)."""
-    return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON,
-        use_fast_variance=False,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return KerasLayerNorm(name=name)
 
 
 def gather(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -74,6 +111,26 @@ def gaussian_expansion(x: jax.Array, centers: np.ndarray, width: float = 0.5) ->
     return jnp.exp(-((x - c) ** 2) / jnp.float32(width**2))
 
 
+def _masked_segment_exp(
+    logits: jax.Array, segment_ids: jax.Array, mask: jax.Array, num_segments: int
+) -> tuple[jax.Array, jax.Array]:
+    """exp(logits − segment max) on the entries where ``mask`` is True (exactly 0 elsewhere), and
+    each segment's sum of them (the softmax denominator, 1 for a segment with no real entry).
+
+    Returns:
+      (weights [E, ...] float32, denominators [num_segments, ...] float32).
+    """
+    logits = logits.astype(jnp.float32)
+    m = mask.reshape(mask.shape + (1,) * (logits.ndim - 1))
+    seg_max = jax.ops.segment_max(
+        jax.lax.stop_gradient(jnp.where(m, logits, -jnp.inf)), segment_ids, num_segments
+    )
+    seg_max = jnp.where(jnp.isfinite(seg_max), seg_max, 0.0)
+    exp = jnp.where(m, jnp.exp(jnp.where(m, logits - gather(seg_max, segment_ids), 0.0)), 0.0)
+    denom = jax.ops.segment_sum(exp, segment_ids, num_segments)
+    return exp, jnp.where(denom > 0, denom, 1.0)
+
+
 def masked_segment_softmax(
     logits: jax.Array,
     segment_ids: jax.Array,
@@ -96,16 +153,8 @@ def masked_segment_softmax(
     Returns:
       [E, ...] float32 probabilities.
     """
-    logits = logits.astype(jnp.float32)
-    m = mask.reshape(mask.shape + (1,) * (logits.ndim - 1))
-    seg_max = jax.ops.segment_max(
-        jax.lax.stop_gradient(jnp.where(m, logits, -jnp.inf)), segment_ids, num_segments
-    )
-    seg_max = jnp.where(jnp.isfinite(seg_max), seg_max, 0.0)
-    shifted = jnp.where(m, logits - gather(seg_max, segment_ids), 0.0)
-    exp = jnp.where(m, jnp.exp(shifted), 0.0)
-    denom = jax.ops.segment_sum(exp, segment_ids, num_segments)
-    return exp / gather(jnp.where(denom > 0, denom, 1.0), segment_ids)
+    exp, denom = _masked_segment_exp(logits, segment_ids, mask, num_segments)
+    return exp / gather(denom, segment_ids)
 
 
 class EdgeConcatDense(nn.Module):
@@ -199,20 +248,28 @@ class LocalAttention(nn.Module):
         key = keras_dense(self.dim, "key", self.dtype)(h_j * geometry)  # [E, D]
 
         q_heads = query.reshape(num_nodes, self.num_head, head_dim)
-        k_heads = key.reshape(-1, self.num_head, head_dim)  # [E, H, D/H]
+        k_heads = key.reshape(-1, self.num_head, head_dim).astype(jnp.float32)  # [E, H, D/H]
         # The original multiplies the query by head_dim ** -0.5 (its `scale` key is not used here).
-        logits = jnp.einsum(
-            "ehd,ehd->eh",
-            gather(q_heads, receivers).astype(jnp.float32) * jnp.float32(head_dim**-0.5),
-            k_heads.astype(jnp.float32),
-        )
-        attention = masked_segment_softmax(logits, receivers, edge_mask, num_nodes)  # [E, H]
+        # A multiply-and-sum, not an einsum: XLA would make the per-edge dot a batched matmul.
+        q_edges = gather(q_heads.astype(jnp.float32) * jnp.float32(head_dim**-0.5), receivers)
+        logits = jnp.sum(q_edges * k_heads, axis=-1)  # [E, H]
+        weights, denom = _masked_segment_exp(logits, receivers, edge_mask, num_nodes)  # [E, H], [N, H]
         if self.attention_dropout > 0.0:
-            attention = nn.Dropout(self.attention_dropout)(attention, deterministic=deterministic)
-
-        messages = attention[..., None] * k_heads.astype(jnp.float32)  # [E, H, D/H]
-        messages = jnp.where(edge_mask[:, None, None], messages, 0.0).reshape(-1, self.dim)
-        context = jax.ops.segment_sum(messages, receivers, num_nodes)  # [N, D]
+            attention = nn.Dropout(self.attention_dropout)(
+                weights / gather(denom, receivers), deterministic=deterministic
+            )
+            messages = attention[..., None] * k_heads  # [E, H, D/H]
+            context = jax.ops.segment_sum(messages.reshape(-1, self.dim), receivers, num_nodes)
+        else:
+            # Σ_j a_ij k_ij = (Σ_j w_ij k_ij) / Σ_j w_ij: normalised per node, not per edge. Masked
+            # edges have w = 0 exactly, so they add nothing.
+            unnormalised = jax.ops.segment_sum(
+                (weights[..., None] * k_heads).reshape(-1, self.dim), receivers, num_nodes
+            )
+            context = (unnormalised.reshape(num_nodes, self.num_head, head_dim) / denom[..., None]).reshape(
+                num_nodes, self.dim
+            )
+            attention = weights / gather(denom, receivers)  # returned (sown) only
         h_new = keras_layer_norm("layer_norm")(query.astype(jnp.float32) + context)
         return h_new, geometry, attention
 
