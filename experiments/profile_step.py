@@ -20,7 +20,8 @@ optimised HLO and put in one class:
 
 With ``--roots=OLD,NEW`` (two checkouts, e.g. an exported earlier commit and this one) it
 instead times the steps of each checkout's ``scannet_jax`` in separate subprocesses, alternating
-which goes first, ``--rounds`` times, and reports medians with min–max side by side (no trace).
+which goes first, ``--rounds`` times, and reports medians with min–max side by side (no trace),
+in wall time and in CPU time of the process (less disturbed by other work on a shared machine).
 
 Writes experiments/results/profile_step.json (the comparison under "before_after").
 """
@@ -218,7 +219,9 @@ def _variant_steps(store, variant: str, batch_size: int):
     from scannet_jax import parallel
 
     state, steps, plan, mesh = ours_training_setup(store, variant, batch_size, num_buckets=1)
-    batch = parallel.shard_batch(plan.batch(np.arange(batch_size)), mesh)
+    # A random batch: the store keeps QM9's order, sorted by atom count.
+    batch = parallel.shard_batch(plan.batch(np.random.default_rng(0).choice(len(store), batch_size, replace=False)),
+                                 mesh)
     holder = {"state": state}
 
     def train_call(s, b):
@@ -232,7 +235,7 @@ def _variant_steps(store, variant: str, batch_size: int):
 
 
 def _time_steps(args) -> dict:
-    """ms/step of the train and eval steps of every variant (the --roots worker)."""
+    """Wall ms/step and CPU ms/step (all threads) of the train and eval steps of every variant."""
     import jax
 
     store = _setup(args)
@@ -241,10 +244,11 @@ def _time_steps(args) -> dict:
         train_call, eval_call, step_args, _ = _variant_steps(store, variant, args.batch)
         for name, fn in (("train", train_call), ("eval", eval_call)):
             jax.block_until_ready(fn(*step_args()))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 jax.block_until_ready(fn(*step_args()))
             out[f"{variant}/{name}"] = 1e3 * (time.perf_counter() - t0) / args.steps
+            out[f"{variant}/{name} cpu"] = 1e3 * (time.process_time() - c0) / args.steps
     return out
 
 
