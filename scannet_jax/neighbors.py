@@ -231,13 +231,13 @@ def _exact_molecule(numbers: np.ndarray, positions: np.ndarray) -> Facets:
     rel = positions - positions.mean(axis=0)
     _, sigma, axes = np.linalg.svd(rel, full_matrices=False)
     dim = int((sigma > _FLAT * sigma[0]).sum())
-    coords = rel if dim == 3 else rel @ axes[:dim].T  # [N, dim]
+    coords = rel @ axes[:dim].T  # [N, dim], principal axes
     offset = coords[None, :, :] - coords[:, None, :]  # [N, N, dim], r_k - r_i
     square = np.einsum("ikd,ikd->ik", offset, offset)
     np.fill_diagonal(square, 1.0)
     dual = 2 * offset / square[..., None]  # dual[i, i] = 0: the centre is the origin of its polytope
-    omega = _cone_solid_angles(dual.reshape(n * n, dim), np.arange(0, n * n + 1, n)).reshape(n, n)
-    at_infinity = _cone_solid_angles(coords, np.array([0, n]))  # the recession cone of every cell
+    omega = _cone_solid_angles(dual.reshape(n * n, dim), np.arange(0, n * n + 1, n), sigma[:dim]).reshape(n, n)
+    at_infinity = _cone_solid_angles(coords, np.array([0, n]), sigma[:dim])  # the recession cone of every cell
     _check_cells(numbers, omega.sum(axis=1) - omega.diagonal(), omega.diagonal(), at_infinity)
     i, j = np.nonzero(omega >= ZERO_FACET)
     off = i != j
@@ -273,7 +273,7 @@ def _no_facets() -> Facets:
     return Facets(empty, empty, np.zeros((0, 3), np.int64), np.zeros(0))
 
 
-def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
     """Solid angle of the outer normal cone at every point of the convex hull of each group.
 
     For group g (points[bounds[g]:bounds[g + 1]], in R^dim, dim = 1, 2 or 3 spanning R^3's first
@@ -286,18 +286,25 @@ def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     a hemisphere, 2π; a single point, 4π. Every angle is an atan2 of a cross and a dot product of
     input points, so Ω is a continuous function of the points (no topological decision).
 
+    Which points and triangles form the hull is found on points / scale: an affine map leaves a
+    hull's faces unchanged, and dividing each principal axis by its spread makes a nearly flat
+    molecule's hulls round (Qhull's facet normals on a hull of relative thickness t carry errors
+    ~1e-16 / t, enough to drop a 1e-7 sr facet at t = 1e-8). The angles use the points themselves.
+
     Args:
       points: [P, dim] coordinates; bounds: [G + 1] group offsets into points.
+      scale: [dim] per-axis spread for the hull's combinatorics (None: 1).
 
     Returns:
       [P] solid angles in sr (0 at points that are not hull vertices).
     """
     omega = np.zeros(len(points))
     dim = points.shape[1]
+    round_points = points if scale is None else points / scale
     if dim == 3:
         corners = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            corners.append(ConvexHull(points[start:stop], qhull_options="Qt").simplices + start)
+            corners.append(ConvexHull(round_points[start:stop], qhull_options="Qt").simplices + start)
         tri = np.concatenate(corners)  # [T, 3]
         angle = np.zeros(tri.shape)
         for c in range(3):
@@ -316,7 +323,7 @@ def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         elif dim == 1:
             omega[start + group[:, 0].argmin()] = omega[start + group[:, 0].argmax()] = 2 * np.pi
         else:
-            ring = ConvexHull(group).vertices  # counter-clockwise
+            ring = ConvexHull(round_points[start:stop]).vertices  # counter-clockwise (scale > 0 keeps it)
             edge = group[np.roll(ring, -1)] - group[ring]  # edge t runs from vertex t to t + 1
             before = np.roll(edge, 1, axis=0)
             turn = np.arctan2(before[:, 0] * edge[:, 1] - before[:, 1] * edge[:, 0], (before * edge).sum(axis=1))
