@@ -11,14 +11,25 @@ stdout; ``--output`` writes an extended XYZ with the prediction in each frame's 
 target name) and a per-atom ``ga_score`` column; ``--png`` draws each structure coloured by GA
 score; ``--json`` writes the table. A file that cannot be read or a frame that cannot be
 predicted is reported on stderr with its file and frame; the others are still predicted and the
-exit status is 2.
+exit status is 2 (also when a prediction is not finite).
+
+Nothing is lost or half-written: output locations are checked before any work, files are written
+to a temporary name and renamed into place, inputs are opened read-only (an SQLite file that is
+not an ASE database is refused, not modified), picture names are unique per input path, and a
+file name containing ``@`` is a file name (not ASE's ``file@index`` syntax). Structures with no
+neighbour within the cutoff, or larger than any structure the model was trained on, are
+predicted with a warning naming the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import re
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,8 +59,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _png_name(path: str, frame: int) -> str:
+    """``<file name>_<short hash of the absolute path>_<frame>.png``: unique per input path."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name)
-    return f"{stem}_{frame}.png"
+    digest = hashlib.sha1(str(Path(path).absolute()).encode()).hexdigest()[:6]
+    return f"{stem}_{digest}_{frame}.png"
+
+
+def _check_output(path: str | None, what: str) -> None:
+    """Refuses, before any work, an output whose directory is missing or not writable."""
+    if not path:
+        return
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: {what} {path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"error: {what} {path}: directory {folder} is not writable")
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: the old content stays until the new is whole."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_frames(path: str) -> tuple[list[ase.Atoms], str | None]:
+    """Every frame ASE reads from ``path`` (read-only), and the error that stopped reading, if any
+    (the frames before it are kept)."""
+    if Path(path).suffix == ".db" and Path(path).is_file():
+        uri = f"file:{Path(path).absolute()}?mode=ro"
+        try:
+            with sqlite3.connect(uri, uri=True) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.Error as err:
+            return [], f"cannot read: not an SQLite database ({err})"
+        if "systems" not in tables:
+            return [], "cannot read: an SQLite file but not an ASE database (no 'systems' table); left unmodified"
+    frames: list[ase.Atoms] = []
+    try:
+        for atoms in ase.io.iread(path, index=":", do_not_split_by_at_sign=True):
+            frames.append(atoms)
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported for this file
+        return frames, f"cannot read frame {len(frames)} (0-based) or later: {type(err).__name__}: {err}"
+    return frames, None
 
 
 def _format_table(rows: list[dict[str, Any]], units: str) -> str:
@@ -64,6 +120,10 @@ def _format_table(rows: list[dict[str, Any]], units: str) -> str:
 def main(argv: list[str]) -> int:
     """Runs the command on ``argv`` (the arguments after ``predict``); returns the exit status."""
     args = parse_args(argv)
+    _check_output(args.output, "--output")
+    _check_output(args.json, "--json")
+    if args.png and Path(args.png).exists() and not Path(args.png).is_dir():
+        raise SystemExit(f"error: --png {args.png}: exists and is not a directory")
     from scannet_jax import predict, render
 
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers}
@@ -73,48 +133,61 @@ def main(argv: list[str]) -> int:
         predictor = predict.Predictor.from_original(args.original_weights, mean=args.target_mean,
                                                     std=args.target_std, **options)
     errors: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []
     frames: list[tuple[str, int, ase.Atoms]] = []
     for path in args.files:
-        try:
-            read = ase.io.read(path, index=":")
-        except Exception as err:  # noqa: BLE001 - any reader failure is reported for this file
-            errors.append({"file": path, "frame": None, "error": f"cannot read: {type(err).__name__}: {err}"})
-            continue
-        if not read:
+        read, error = _read_frames(path)
+        if error is not None:
+            errors.append({"file": path, "frame": len(read) if read else None, "error": error})
+        elif not read:
             errors.append({"file": path, "frame": None, "error": "no structure in the file"})
         frames.extend((path, k, atoms) for k, atoms in enumerate(read))
 
     results = predictor.predict_each([a for _, _, a in frames], allow_unseen_elements=args.allow_unseen_elements)
+    scores_ga = predictor.spec.node_scores is not None
     rows, scored = [], []
     for (path, frame, atoms), result in zip(frames, results):
         if isinstance(result, predict.StructureError):
             errors.append({"file": path, "frame": frame, "error": str(result)})
             continue
+        if not math.isfinite(result.value):
+            errors.append({"file": path, "frame": frame, "error": f"the prediction is not finite ({result.value})"})
+            continue
+        for reason in result.warnings:
+            warnings.append({"file": path, "frame": frame, "warning": reason})
         rows.append({
             "file": path, "frame": frame, "formula": atoms.get_chemical_formula(), "n_atoms": len(atoms),
             "prediction": result.value,
-            "top_atoms": [{"index": i, "symbol": s, "ga_score": g} for i, s, g in predict.top_atoms(atoms, result.ga_scores)],
-            "ga_scores": result.ga_scores.tolist(),
+            "top_atoms": ([{"index": i, "symbol": s, "ga_score": g}
+                           for i, s, g in predict.top_atoms(atoms, result.ga_scores)] if scores_ga else []),
+            "ga_scores": result.ga_scores.tolist() if scores_ga else None,
+            "warnings": list(result.warnings),
         })
         out = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         out.info.update({"source_file": path, "source_frame": frame, predictor.target: result.value})
-        out.arrays["ga_score"] = result.ga_scores
+        if scores_ga:
+            out.arrays["ga_score"] = result.ga_scores
         scored.append(out)
-        if args.png:
+        if args.png and scores_ga:
             Path(args.png).mkdir(parents=True, exist_ok=True)
             title = f"{rows[-1]['formula']}: {predictor.target} = {result.value:.4g} {predictor.units}".rstrip()
             render.render_ga(atoms, result.ga_scores, Path(args.png) / _png_name(path, frame), title)
 
     predictor.close()
     print(_format_table(rows, predictor.units))
+    if not scores_ga:
+        print("note: this network scores no atoms: no GA column, ga_score array or pictures", file=sys.stderr)
+    for w in warnings:
+        print(f"warning: {w['file']} frame {w['frame']}: {w['warning']}", file=sys.stderr)
     for e in errors:
         where = e["file"] if e["frame"] is None else f"{e['file']} frame {e['frame']}"
         print(f"error: {where}: {e['error']}", file=sys.stderr)
     if args.output and scored:
-        ase.io.write(args.output, scored, format="extxyz")
+        _write_atomically(args.output, lambda tmp: ase.io.write(tmp, scored, format="extxyz"))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"target": predictor.target, "units": predictor.units, "structures": rows, "errors": errors}, indent=1))
+        table = {"target": predictor.target, "units": predictor.units, "structures": rows, "errors": errors,
+                 "warnings": warnings}
+        _write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
     if errors:
         print(f"{len(errors)} of {len(frames) + sum(e['frame'] is None for e in errors)} input(s) failed",
               file=sys.stderr)

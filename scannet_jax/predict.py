@@ -59,10 +59,13 @@ class Prediction:
       value: the prediction in target units (model output · std + mean).
       ga_scores: float64 [N], global-attention score of each atom (sums to 1), or None for a
         network that scores no atoms (``models.ModelSpec.node_scores``).
+      warnings: why the value may not be trusted (no neighbour within the cutoff, larger than
+        any training structure); empty if none.
     """
 
     value: float
     ga_scores: np.ndarray | None
+    warnings: tuple[str, ...] = ()
 
 
 def _find_workdir(path: Path) -> Path:
@@ -216,6 +219,9 @@ class Predictor:
             given = f"a periodic structure (pbc={atoms.pbc.tolist()})" if periodic else "a non-periodic structure"
             raise StructureError(f"{given} given to {kind}")
         z = atoms.numbers
+        bad = np.flatnonzero((z < 1) | (z >= len(chemical_symbols)))
+        if bad.size:
+            raise StructureError(f"atom {bad[0]} has atomic number Z={z[bad[0]]}: no such element")
         bad = np.flatnonzero(z >= self.num_elements)
         if bad.size:
             raise StructureError(f"atom {bad[0]} is {chemical_symbols[z[bad[0]]]} (Z={z[bad[0]]}); the model embeds "
@@ -300,6 +306,18 @@ class Predictor:
         except ValueError:
             return _own_bucket(n_node, n_edge, ladder[-1].n_graph)
 
+    def _warnings(self, n_node: int, n_edge: int) -> tuple[str, ...]:
+        """Reasons to distrust a prediction of a structure of these sizes."""
+        out = []
+        if n_edge == 0:
+            cutoff = getattr(self.settings, "cutoff", None)
+            out.append(f"no neighbour within the cutoff{f' ({cutoff} Å)' if cutoff else ''}: the atoms do not "
+                       "interact in the model")
+        if self.domain.elements is not None and n_node > self.domain.max_atoms:  # a known training domain
+            out.append(f"{n_node} atoms: larger than any structure the model was trained on "
+                       f"(at most {self.domain.max_atoms})")
+        return tuple(out)
+
     def _predict_store(self, store: GraphStore) -> list[Prediction]:
         """Predictions of every structure of ``store``, in store order."""
         n_node, n_edge = store.n_node, store.n_edge
@@ -313,7 +331,7 @@ class Predictor:
             ends = np.cumsum(n_node[indices])
             for k, (s, end) in enumerate(zip(indices, ends)):
                 atom_scores = None if scores is None else np.asarray(scores[end - n_node[s]:end], np.float64)
-                out[s] = Prediction(float(values[k]), atom_scores)
+                out[s] = Prediction(float(values[k]), atom_scores, self._warnings(int(n_node[s]), int(n_edge[s])))
         return out
 
 

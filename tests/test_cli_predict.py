@@ -147,11 +147,81 @@ def test_bad_inputs_are_reported_by_file_and_frame(trained, tmp_path, capsys):
     assert f"{garbage}: cannot read" in err
     rows = json.loads(table.read_text())["structures"]
     assert [(Path(r["file"]).name, r["frame"]) for r in rows] == [("mixed.extxyz", 0), ("mixed.extxyz", 3)]
-    assert sorted(p.name for p in pictures.iterdir()) == ["mixed.extxyz_0.png", "mixed.extxyz_3.png"]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(
+        cli_predict._png_name(str(mixed), k) for k in (0, 3))
 
     status = cli_predict.main([f"--workdir={workdir}", str(mixed), "--allow-unseen-elements", "--num-workers=1"])
     assert status == cli_predict.EXIT_SOME_FAILED  # the NaN frame still fails
     assert "Si" in capsys.readouterr().out
+
+
+def test_outputs_are_checked_first_written_whole_and_inputs_left_alone(trained, tmp_path, capsys, monkeypatch):
+    """Issue-17 faults: a missing output directory stops the command before any work; a failing
+    write leaves the old output whole; same-named files in two folders get two pictures; an
+    SQLite file that is not an ASE database is reported and not modified; '@' in a file name is
+    part of the name; Z = 120 in one file does not stop the others; a NaN prediction fails."""
+    import sqlite3
+
+    from scannet_jax import cli_predict, predict
+
+    workdir = trained[0]
+    with pytest.raises(SystemExit, match=r"--output .*: directory .*missing_dir does not exist"):
+        cli_predict.main([f"--workdir={workdir}", "x.xyz", f"--output={tmp_path / 'missing_dir' / 'o.extxyz'}"])
+
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        ase.io.write(tmp_path / folder / "mol.xyz", molecule("CH4"))
+    at_sign = tmp_path / "w@1.xyz"
+    ase.io.write(at_sign, [molecule("H2O"), molecule("NH3")])
+    z120 = tmp_path / "z120.extxyz"
+    z120.write_text("1\nProperties=species:S:1:pos:R:3:Z:I:1 pbc=\"F F F\"\nH 0.0 0.0 0.0 120\n")
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE samples (x REAL)")
+    foreign_bytes = foreign.read_bytes()
+    output, pictures = tmp_path / "scored.extxyz", tmp_path / "png"
+    output.write_text("old content\n")
+
+    def failing_write(path, *args, **kwargs):
+        Path(path).write_text("partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cli_predict.ase.io, "write", failing_write)
+    args = [f"--workdir={workdir}", str(tmp_path / "d1" / "mol.xyz"), str(tmp_path / "d2" / "mol.xyz"),
+            str(at_sign), str(z120), str(foreign), f"--output={output}", f"--png={pictures}", "--num-workers=1"]
+    with pytest.raises(OSError, match="No space left"):
+        cli_predict.main(args)
+    assert output.read_text() == "old content\n" and sorted(p.name for p in tmp_path.glob(".scored*")) == []
+    monkeypatch.undo()
+    status = cli_predict.main(args)
+    assert status == cli_predict.EXIT_SOME_FAILED
+    captured = capsys.readouterr()
+    assert f"{z120} frame 0: atom 0 has atomic number Z=120: no such element" in captured.err
+    assert f"{foreign}: cannot read" in captured.err
+    assert "not an ASE database" in captured.err and foreign.read_bytes() == foreign_bytes
+    back = ase.io.read(output, index=":")
+    assert [a.info["source_file"] for a in back] == [str(tmp_path / "d1" / "mol.xyz"), str(tmp_path / "d2" / "mol.xyz"),
+                                                    str(at_sign), str(at_sign)]
+    assert len(list(pictures.iterdir())) == 4
+
+    real = predict.Predictor.predict_each
+    monkeypatch.setattr(predict.Predictor, "predict_each", lambda self, atoms, **kw: [
+        predict.Prediction(float("nan"), r.ga_scores) for r in real(self, atoms, **kw)])
+    assert cli_predict.main([f"--workdir={workdir}", str(at_sign), "--num-workers=1"]) == cli_predict.EXIT_SOME_FAILED
+    assert "the prediction is not finite (nan)" in capsys.readouterr().err
+
+
+def test_structures_outside_what_the_model_saw_are_predicted_with_a_warning(trained, tmp_path, capsys):
+    from scannet_jax import cli_predict
+
+    workdir = trained[0]
+    path = tmp_path / "odd.extxyz"
+    ase.io.write(path, [Atoms("C", [[0.0, 0.0, 0.0]]), molecule("C60")], format="extxyz")
+    status = cli_predict.main([f"--workdir={workdir}", str(path), "--num-workers=1"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert f"warning: {path} frame 0: no neighbour within the cutoff (4.0 Å)" in err
+    assert f"warning: {path} frame 1: 60 atoms: larger than any structure the model was trained on" in err
 
 
 def test_main_py_dispatches_predict():
