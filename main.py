@@ -40,13 +40,28 @@ def main(argv: list[str]) -> None:
         sys.exit(128 + results["signal"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error for a ``--config.<key>`` the config lacks."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # raised by ml_collections for an unknown field
+        text = str(err.args[0] if err.args else err).replace("\\n", "\n").replace("\\'", "'")
+        keys = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+        key = next((k for k in keys if f"'{k.split('.')[-1]}'" in text), keys[0] if keys else text)
+        hint = next((line.rstrip("'\"") for line in text.splitlines() if line.startswith("Did you mean")), "")
+        sys.exit(f"error: --config.{key}: the config has no field {key.split('.')[-1]!r}"
+                 + (f". {hint}" if hint else " (the fields are those set in the config file)"))
+    except flags.Error as err:
+        sys.exit(f"error: {err}\nPass --help for usage.")
+
+
 def run() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "predict":
         from scannet_jax import cli_predict
 
         sys.exit(cli_predict.main(sys.argv[2:]))
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

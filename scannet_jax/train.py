@@ -395,6 +395,9 @@ def setup(config: ml_collections.ConfigDict, data: Datasets | None = None,
       data: the data set (default ``get_datasets(config)``).
       mesh: the device mesh (default every device).
     """
+    for key in ("batch_size", "eval_batch_size", "num_buckets", "num_epochs"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key}={config[key]}: must be at least 1")
     mesh = parallel.make_mesh() if mesh is None else mesh
     data = get_datasets(config) if data is None else data
     target = data.target

@@ -384,6 +384,18 @@ def test_main_rejects_bad_override(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "batch_size" in run.stderr and "many" in run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/qm9.py:homo,tiny",
+                          f"--workdir={tmp_path}", "--config.batch_sise=64"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "error: --config.batch_sise: the config has no field 'batch_sise'" in run.stderr
+
+
+def test_zero_batch_sizes_are_refused_by_name():
+    from scannet_jax import train
+
+    with pytest.raises(ValueError, match=r"config.eval_batch_size=0: must be at least 1"):
+        train.setup(fixture_config(eval_batch_size=0), fixture_datasets())
 
 
 def test_incompatible_run_is_refused_before_anything_is_written(fixture_run, tmp_path):

@@ -259,3 +259,22 @@ def test_read_files_concatenates_in_order(tmp_path):
     with pytest.raises(ValueError, match="target names differ"):
         xyz.concatenate([xyz.read_fullerene(a), xyz.read_pt_graphene(
             write(tmp_path, "p.xyz", "1\n1 2\nH 0 0 0\n"))])
+
+
+def test_non_numeric_targets_and_binary_files_are_named(tmp_path):
+    """A string target in an ASE database and a binary file among the paths: a ParseError naming
+    the file (and frame), not a bare conversion error."""
+    import ase.db
+    from ase.build import molecule
+
+    db_path = tmp_path / "labels.db"
+    ase.db.connect(str(db_path)).write(molecule("H2O"), label="high")
+    with pytest.raises(xyz.ParseError, match=rf"{db_path}: frame 0 \(0-based\): target 'label' is 'high', not a number"):
+        xyz.read_ase(db_path, ["label"])
+    binary = tmp_path / "data.xyz"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for reader in (xyz.read_extxyz, xyz.read_property_xyz):
+        with pytest.raises(xyz.ParseError, match=rf"{binary}: not a text file \(byte 0x80 at offset 128"):
+            reader(binary, ["e"])
+    with pytest.raises(xyz.ParseError, match=rf"{binary}: not a text file"):
+        xyz.read_ase(binary, ["e"])

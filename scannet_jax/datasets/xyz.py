@@ -72,8 +72,12 @@ def _error(path: PathLike, frame: int, line: int | None, message: str) -> ParseE
 
 def _read_lines(path: PathLike) -> list[str]:
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise ParseError(f"{path}: not a text file (byte 0x{err.object[err.start]:02x} at offset {err.start} "
+                         f"is not UTF-8)") from None
 
 
 def _element_number(token: str) -> int | None:
@@ -360,7 +364,10 @@ def read_ase(path: PathLike, targets: Sequence[str], *, index: str = ":",
         lookups = [row.get for row in rows]
         where = "the row's key_value_pairs or fields"
     else:
-        frames = ase.io.read(str(path), index=index)
+        try:
+            frames = ase.io.read(str(path), index=index, do_not_split_by_at_sign=True)
+        except UnicodeDecodeError as err:
+            raise ParseError(f"{path}: not a text file ASE can read (byte at offset {err.start} is not UTF-8)") from None
         frames = frames if isinstance(frames, list) else [frames]
         lookups = [functools.partial(_atoms_target, atoms) for atoms in frames]
         where = "atoms.info or the calculator results"
@@ -374,7 +381,10 @@ def read_ase(path: PathLike, targets: Sequence[str], *, index: str = ":",
                 raise _error(path, frame, None, f"target {name!r} not found in {where}")
             if np.ndim(value) != 0:
                 raise _error(path, frame, None, f"target {name!r} is not a scalar: {value!r}")
-            row.append(float(value))
+            try:
+                row.append(float(value))
+            except (TypeError, ValueError):
+                raise _error(path, frame, None, f"target {name!r} is {value!r}, not a number") from None
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell[:], dtype=np.float64) if pbc.any() else np.zeros((3, 3))
         structures.append(Structure(np.asarray(atoms.numbers, dtype=np.int64),
