@@ -45,6 +45,7 @@ import jraph
 import numpy as np
 
 from scannet_jax.layers import gather, gaussian_expansion, keras_dense, masked_segment_softmax
+from scannet_jax.models import keras_embedding_init
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -72,11 +73,6 @@ def keras_hard_sigmoid(x: jax.Array) -> jax.Array:
 def clip_band_gap(predictions: jax.Array) -> jax.Array:
     """max(0, p): the reference's post-processing of band-gap predictions at test time."""
     return jnp.maximum(predictions, 0.0)
-
-
-def keras_embedding_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-    """Keras ``Embedding`` default initialiser: uniform on [-0.05, 0.05]."""
-    return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
 
 
 def _segments(graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:

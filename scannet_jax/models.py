@@ -256,7 +256,7 @@ class Scann(nn.Module):
         # jnp.take's default "fill" mode turns Z >= n_atoms into a NaN row, so such an atom gives a
         # NaN prediction instead of silently reusing the last row.
         embedded = nn.Embed(
-            cfg.n_atoms, cfg.embedding_dim, embedding_init=_keras_embedding_init, name="embed_atom"
+            cfg.n_atoms, cfg.embedding_dim, embedding_init=keras_embedding_init, name="embed_atom"
         )(z)  # [N, embedding_dim]
         acts["embed_atom"] = embedded
         if cfg.use_ring:
@@ -331,7 +331,7 @@ class Scann(nn.Module):
         return y, ga_scores
 
 
-def _keras_embedding_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+def keras_embedding_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Keras ``Embedding`` default: uniform on [-0.05, 0.05]."""
     return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
 
