@@ -7,8 +7,9 @@ virtual environment (docs/original_env.md), with two harness changes it cannot r
 TensorFlow 2.15: Open Babel is stubbed (only its QM9 preprocessing uses it) and the model is
 compiled with Keras' legacy Adam (its ``Adam(decay=1e-5)`` raises on TF ≥ 2.11). It is never
 imported by this project: the parent process starts one subprocess per (side, task), ours in
-this interpreter and the original in the venv's python, 2 threads each, interleaved round by
-round (the side that goes first alternates), and records the load average around every run.
+this interpreter and the original in the venv's python, 2 threads each, interleaved (task by task,
+``--rounds`` times, the side that goes first alternating), and records the load average around
+every run.
 
 Tasks, all on the same ``--molecules`` QM9 molecules (seeded sample) with batch ``--batch``:
 * ``scannplus`` / ``scann``: training molecules/s over ``--epochs`` timed epochs after one
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--predict", type=int, default=200, help="molecules predicted end to end")
     parser.add_argument("--seed", type=int, default=0, help="molecule sample")
     parser.add_argument("--tasks", default="scannplus,scann,predict")
+    parser.add_argument("--neighbours", help="the original's neighbour lists (pickle) of this very sample, "
+                        "saved by an earlier run (--save-neighbours), instead of recomputing them")
+    parser.add_argument("--save-neighbours", help="keep the original's neighbour lists (pickle) here")
     parser.add_argument("--ours-root", default=str(REPO),
                         help="checkout whose scannet_jax is measured (e.g. an exported commit)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_original.json"))
@@ -379,14 +383,27 @@ def main() -> None:
                  target=molecules.targets[TARGET][sample])
         print(f"{args.molecules} QM9 molecules (seed {args.seed}, {sum(len(p.numbers) for p in parts)} atoms); "
               "the original's neighbours:", flush=True)
-        neighbours = _run_worker("original", "neighbours", args, data_dir)
+        if args.neighbours:
+            lists = pickle.loads(Path(args.neighbours).read_bytes())
+            if [len(mol) for mol in lists] != [len(p.numbers) for p in parts]:
+                raise ValueError(f"{args.neighbours} does not hold this sample's molecules")
+            (data_dir / "original_neighbours.pkl").write_bytes(pickle.dumps(lists))
+            neighbours = {"edges": int(sum(len(lc) for mol in lists for lc in mol)), "from": args.neighbours}
+        else:
+            neighbours = _run_worker("original", "neighbours", args, data_dir)
+        if args.save_neighbours:
+            Path(args.save_neighbours).write_bytes((data_dir / "original_neighbours.pkl").read_bytes())
         runs: dict[str, dict[str, list[dict]]] = {t: {"ours": [], "original": []} for t in tasks}
-        for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}", flush=True)
-            for task in tasks:
+        for k, task in enumerate(tasks):  # task by task, so that a cut-short run keeps whole tasks
+            for r in range(args.rounds):
+                print(f"{task} round {r + 1}/{args.rounds}", flush=True)
                 for side in (("ours", "original") if r % 2 == 0 else ("original", "ours")):
                     runs[task][side].append(_run_worker(side, task, args, data_dir))
+            write_results(args, runs, tasks[:k + 1], neighbours, args.rounds)
 
+
+def write_results(args: argparse.Namespace, runs: dict, tasks: list[str], neighbours: dict, rounds: int) -> None:
+    """Medians, min-max and ratios of the tasks done so far: printed and written to ``args.out``."""
     model_metrics = ("train_molecules_per_s", "train_molecules_per_cpu_s", "infer_molecules_per_s",
                      "infer_molecules_per_cpu_s", "peak_rss_mib")
     metrics = {"scannplus": model_metrics, "scann": model_metrics,
@@ -403,16 +420,17 @@ def main() -> None:
         "command": "python experiments/compare_original.py " + " ".join(sys.argv[1:]),
         "molecules": f"{args.molecules} QM9 molecules sampled with seed {args.seed}; the original's "
                      f"neighbour lists for training/inference ({neighbours['edges']} edges)",
-        "batch": args.batch, "timed_epochs": args.epochs, "rounds": args.rounds, "threads": THREADS,
+        "batch": args.batch, "timed_epochs": args.epochs, "rounds": rounds, "tasks_done": tasks, "threads": THREADS,
         "cpu_count": os.cpu_count(), "original": str(ORIGINAL_SRC), "ours_root": args.ours_root,
-        "loadavg_1min_before_runs": _summary(loads), "figures": figures, "runs": runs,
+        "loadavg_1min_before_runs": _summary(loads), "figures": figures,
+        "runs": {task: runs[task] for task in tasks},
     }
     print(f"\n{'figure':45} {'ours (min-max)':>24} {'original (min-max)':>24} {'ratio':>6}")
     for name, row in figures.items():
         cell = lambda s: f"{s['median']:.1f} ({s['min']:.0f}-{s['max']:.0f})"  # noqa: E731
         print(f"{name:45} {cell(row['ours']):>24} {cell(row['original']):>24} {row['ratio']:6.2f}")
     print(f"1-min load average before the runs: median {result['loadavg_1min_before_runs']['median']:.1f} "
-          f"({min(loads):.1f}-{max(loads):.1f})")
+          f"({min(loads):.1f}-{max(loads):.1f})", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
