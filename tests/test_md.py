@@ -100,7 +100,10 @@ def test_configs_map_onto_md_load(module, arg):
     assert data.dataset in ("fullerene", "pt_graphene", "files")
     assert data.group_by in md.GROUPINGS
     assert data.molecules is True
-    assert "limit" not in data
+    from configs import qm9
+
+    assert set(data.keys()) == set(qm9.get_config("homo").data.keys())  # one schema for every data set
+    assert data.limit == 0  # QM9 only
     if data.dataset == "files":
         assert data.paths == "a/*.xyz,b.xyz" and data.columns.split(":") == ["homo", "gap"]
         md.read_function(data.file_format, data.columns.split(":"))  # a known format
