@@ -10,10 +10,10 @@ the machine may be shared).
     python experiments/bench_featurize.py --all --modes exact --procs 2
 
 With --baseline REV it instead times this checkout's `scannet_jax/neighbors.py` against the same
-file at git revision REV, side by side in one run: each version in its own subprocess (one
-process, the same molecules), the two interleaved and repeated --rounds times (the order
-alternating), reporting medians; it also compares the two versions' outputs on --compare-num
-molecules. Writes experiments/results/bench_featurize_baseline.json.
+file at git revision REV, side by side in one run: each version in its own subprocess, kept
+alive, the same molecules in --chunks chunks that the two versions take in turn (the order
+alternating), --rounds times over the sample; it reports the medians over rounds of each rate
+and of the per-round ratio, and compares the two versions' outputs on --compare-num molecules. Writes experiments/results/bench_featurize_baseline.json.
 
     python experiments/bench_featurize.py --baseline 6aef04e --num 2000 --rounds 5
 """
@@ -138,18 +138,27 @@ def _save_sample(molecules, path: Path) -> None:
              positions=np.concatenate([x for _, x in molecules]), ptr=ptr)
 
 
-def _time_worker(sample: Path, module: Path | None, mode: str) -> dict:
-    """One version on the saved sample, one process (run in a fresh subprocess)."""
+def _time_worker(sample: Path, module: Path | None) -> None:
+    """Serve timing requests for one version (run in its own subprocess, kept alive).
+
+    Reads lines "mode start stop" from stdin, featurises molecules start..stop-1 of the saved
+    sample and answers one JSON line (CPU and wall seconds, edges); every mode is warmed up first.
+    """
     nb = load_neighbors_module(module)
     data = np.load(sample)
     molecules = [(data["numbers"][a:b], data["positions"][a:b]) for a, b in zip(data["ptr"][:-1], data["ptr"][1:])]
-    for z, x in molecules[:20]:
-        nb.neighbors_from_arrays(z, x, mode=mode)
-    wall, cpu, edges = time.perf_counter(), time.process_time(), 0
-    for z, x in molecules:
-        edges += len(nb.neighbors_from_arrays(z, x, mode=mode).receivers)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"molecules_per_s": len(molecules) / wall, "molecules_per_cpu_s": len(molecules) / cpu, "edges": edges}
+    warm = set()
+    for line in sys.stdin:
+        mode, start, stop = line.split()
+        if mode not in warm:
+            for z, x in molecules[:20]:
+                nb.neighbors_from_arrays(z, x, mode=mode)
+            warm.add(mode)
+        wall, cpu, edges = time.perf_counter(), time.process_time(), 0
+        for z, x in molecules[int(start):int(stop)]:
+            edges += len(nb.neighbors_from_arrays(z, x, mode=mode).receivers)
+        print(json.dumps({"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "edges": edges}),
+              flush=True)
 
 
 def compare_outputs(molecules, baseline, mode: str) -> dict:
@@ -191,20 +200,39 @@ def run_baseline(args, molecules) -> None:
         subset = molecules[:: max(1, len(molecules) // args.compare_num)][: args.compare_num]
         comparisons = [compare_outputs(subset, baseline, mode) for mode in modes]
         load_before = os.getloadavg()
+        workers = {}
+        for version, module in (("baseline", base_file), ("this checkout", None)):
+            command = [sys.executable, __file__, "--time-worker", str(sample)]
+            if module is not None:
+                command += ["--worker-module", str(module)]
+            workers[version] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Fine-grained interleaving: chunk by chunk, the two versions alternate (order flipping
+        # every chunk), so that both see the same load; each round covers the whole sample.
+        bounds = np.linspace(0, len(molecules), args.chunks + 1).astype(int)
         runs = []
         for r in range(args.rounds):
-            versions = [("baseline", base_file), ("this checkout", None)]
-            for version, module in versions if r % 2 == 0 else versions[::-1]:
-                for mode in modes:
-                    command = [sys.executable, __file__, "--time-worker", str(sample), "--modes", mode]
-                    if module is not None:
-                        command += ["--worker-module", str(module)]
-                    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-                    runs.append({"round": r, "version": version, "mode": mode, **json.loads(out.splitlines()[-1])})
+            for mode in modes:
+                total = {v: {"cpu_s": 0.0, "wall_s": 0.0, "edges": 0} for v in workers}
+                for c, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+                    order = list(workers) if (r + c) % 2 == 0 else list(workers)[::-1]
+                    for version in order:
+                        workers[version].stdin.write(f"{mode} {start} {stop}\n")
+                        workers[version].stdin.flush()
+                        answer = json.loads(workers[version].stdout.readline())
+                        for key in total[version]:
+                            total[version][key] += answer[key]
+                for version, t in total.items():
+                    runs.append({"round": r, "version": version, "mode": mode, "edges": t["edges"],
+                                 "molecules_per_cpu_s": len(molecules) / t["cpu_s"],
+                                 "molecules_per_s": len(molecules) / t["wall_s"]})
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
         load_after = os.getloadavg()
     print(f"QM9 sample: {len(molecules)} molecules (seed {args.seed}); baseline {revision} "
           f"(NEIGHBORS_VERSION {baseline.NEIGHBORS_VERSION}) vs this checkout ({neighbors.NEIGHBORS_VERSION}); "
-          f"{args.rounds} interleaved rounds, one process each; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
+          f"{args.rounds} rounds of {args.chunks} interleaved chunks, one process per version; "
+          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     summary = []
     for mode in modes:
         row = {"mode": mode}
@@ -213,15 +241,18 @@ def run_baseline(args, molecules) -> None:
             for key in ("molecules_per_s", "molecules_per_cpu_s"):
                 row[f"{version} {key} median"] = statistics.median(r[key] for r in mine)
             row[f"{version} edges"] = mine[0]["edges"]
-        row["ratio mol/CPU-s (this / baseline)"] = (row["this checkout molecules_per_cpu_s median"]
-                                                    / row["baseline molecules_per_cpu_s median"])
-        row["ratio mol/s (this / baseline)"] = (row["this checkout molecules_per_s median"]
-                                                / row["baseline molecules_per_s median"])
+        pairs = [(a, b) for a in runs for b in runs if a["mode"] == b["mode"] == mode and a["round"] == b["round"]
+                 and a["version"] == "this checkout" and b["version"] == "baseline"]
+        row["ratio mol/CPU-s (this / baseline), median over rounds"] = statistics.median(
+            a["molecules_per_cpu_s"] / b["molecules_per_cpu_s"] for a, b in pairs)
+        row["ratio mol/s (this / baseline), median over rounds"] = statistics.median(
+            a["molecules_per_s"] / b["molecules_per_s"] for a, b in pairs)
         summary.append(row)
         print(f"{mode:9s} mol/CPU-s median: baseline {row['baseline molecules_per_cpu_s median']:7.1f}, this "
-              f"{row['this checkout molecules_per_cpu_s median']:7.1f} (x{row['ratio mol/CPU-s (this / baseline)']:.3f}); "
-              f"mol/s median: baseline {row['baseline molecules_per_s median']:7.1f}, this "
-              f"{row['this checkout molecules_per_s median']:7.1f} (x{row['ratio mol/s (this / baseline)']:.3f}); "
+              f"{row['this checkout molecules_per_cpu_s median']:7.1f} "
+              f"(x{row['ratio mol/CPU-s (this / baseline), median over rounds']:.3f}); mol/s median: baseline "
+              f"{row['baseline molecules_per_s median']:7.1f}, this {row['this checkout molecules_per_s median']:7.1f} "
+              f"(x{row['ratio mol/s (this / baseline), median over rounds']:.3f}); "
               f"edges {row['baseline edges']} -> {row['this checkout edges']}")
     for c in comparisons:
         print(f"{c['mode']:9s} outputs on {c['molecules']} molecules: {c['facets_in_one_version_only']} facets "
@@ -233,7 +264,7 @@ def run_baseline(args, molecules) -> None:
     out.write_text(json.dumps({
         "command": " ".join(sys.argv), "baseline": revision, "baseline_neighbors_version": baseline.NEIGHBORS_VERSION,
         "neighbors_version": neighbors.NEIGHBORS_VERSION, "seed": args.seed, "sample": len(molecules),
-        "rounds": args.rounds, "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+        "rounds": args.rounds, "chunks": args.chunks, "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
         "summary": summary, "comparisons": comparisons, "runs": runs}, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -249,13 +280,14 @@ def main() -> None:
                         help="molecules (evenly spaced in the sample) for the pymatgen column (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--baseline", help="git revision to time side by side with this checkout (docstring)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds with --baseline")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over the sample with --baseline")
+    parser.add_argument("--chunks", type=int, default=20, help="interleaved chunks per round with --baseline")
     parser.add_argument("--compare-num", type=int, default=300, help="molecules whose outputs --baseline compares")
     parser.add_argument("--time-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-module", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.time_worker is not None:
-        print(json.dumps(_time_worker(args.time_worker, args.worker_module, args.modes)))
+        _time_worker(args.time_worker, args.worker_module)
         return
 
     t0 = time.perf_counter()

@@ -220,10 +220,11 @@ def _check_close_images(positions: np.ndarray, cell: np.ndarray) -> None:
 def _exact_molecule(numbers: np.ndarray, positions: np.ndarray) -> Facets:
     """Facets of the Voronoi diagram of the atoms alone (no images), from one dual hull per atom.
 
-    A molecule that is planar or linear to `_FLAT` (relative singular values of its centred
-    coordinates) is handled in its plane or on its line; the frame only fixes that subspace, the
-    construction is the same in every orientation (`_cone_solid_angles`). Each cell is checked
-    against the molecule's own convex hull (`_check_cells`).
+    Coordinates are taken in the molecule's principal axes: a molecule planar or linear to
+    `_FLAT` (relative singular values of its centred coordinates) is handled in its plane or on
+    its line, and the singular values whiten the hulls whose faces Qhull finds (their angles are
+    measured unscaled; `_cone_solid_angles`). Each cell is checked against the molecule's own
+    convex hull (`_check_cells`).
     """
     n = len(positions)
     if n == 1:
