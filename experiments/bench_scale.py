@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("copies", ["1", "10", "40"], "Replication factors.")
 flags.DEFINE_integer("steps", 30, "Timed training steps per factor.")
 flags.DEFINE_integer("limit", 0, "QM9 molecules replicated (0 = all 130,831).")
+flags.DEFINE_bool("small_model", False, "The tiny config's model sizes (quick compiles; memory is about data).")
 flags.DEFINE_string("scratch", "/tmp/scannet_jax_scale", "Where the replicated stores are written.")
 flags.DEFINE_bool("keep", False, "Keep the replicated stores.")
 flags.DEFINE_string("out", str(REPO / "experiments" / "results" / "bench_scale.json"), "JSON output.")
@@ -89,7 +90,9 @@ def time_training(store_dir: str, splits_file: str) -> dict:
     store = GraphStore.load(store_dir)
     splits = {k: np.asarray(v, np.int64) for k, v in json.loads(Path(splits_file).read_text()).items()}
     data = train.make_datasets(store, splits, "homo")
-    config = qm9.get_config("homo")
+    config = qm9.get_config("homo,tiny" if FLAGS.small_model else "homo")
+    config.batch_size = config.eval_batch_size = 128
+    config.num_buckets = 4
     trainer = train.setup(config, data)
     setup_s = time.perf_counter() - t0
     state = train.set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
@@ -125,7 +128,8 @@ def main(argv):
     for copies in map(int, FLAGS.copies):
         path, splits_file, sizes = replicate(copies, FLAGS.limit)
         child = subprocess.run([sys.executable, __file__, f"--run_store={path}", f"--run_splits={splits_file}",
-                                f"--steps={FLAGS.steps}"], capture_output=True, text=True, check=True)
+                                f"--steps={FLAGS.steps}", f"--small_model={FLAGS.small_model}"],
+                               capture_output=True, text=True, check=True)
         row = {"copies": copies, **sizes, **json.loads(child.stdout.strip().splitlines()[-1])}
         rows.append(row)
         end = row["memory_end_mib"]
@@ -137,7 +141,7 @@ def main(argv):
             shutil.rmtree(path)
             splits_file.unlink()
     result = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg(),
-              "limit": FLAGS.limit, "results": rows}
+              "limit": FLAGS.limit, "small_model": FLAGS.small_model, "results": rows}
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(result, indent=1))
 
