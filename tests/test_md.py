@@ -362,5 +362,5 @@ def test_unknown_data_set_names_the_known_ones():
     config = fullerene.get_config("homo")
     config.data.dataset = "fulerene"
     with pytest.raises(ValueError, match=r"dataset='fulerene': unknown data set; known: files, fullerene, "
-                                         r"pt_graphene, qm9"):
+                                         r"mp_e_form, mp_gap, pt_graphene, qm9"):
         train.get_datasets(config)

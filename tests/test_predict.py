@@ -13,11 +13,10 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
 
-from scannet_jax import batching, models, predict
+from scannet_jax import batching, models, predict, structures
 from scannet_jax.datasets import featurize, qm9
 from scannet_jax.graphs import GraphStore
 from scannet_jax.neighbors import FeaturizerSettings
-from scannet_jax.structures import molecule
 
 MEAN, STD = -6.5, 0.6  # a HOMO-like scaler (eV)
 
@@ -34,7 +33,7 @@ def predictor():
     config = small_model_config()
     atoms = molecule("CH4")
     store = GraphStore.from_structures(
-        [atoms.numbers], [featurize.featurize_one(molecule(atoms.numbers, atoms.positions),
+        [atoms.numbers], [featurize.featurize_one(structures.from_atoms(atoms),
                                                   FeaturizerSettings(), False)])
     graphs = batching.pad_batch(store, [0], batching.Bucket(64, 384, 2), None)
     params = models.build_model(config).init(jax.random.PRNGKey(0), graphs)["params"]
