@@ -13,16 +13,13 @@ from scannet_jax import neighbors
 from scannet_jax.neighbors import FeaturizerSettings, Neighbors, neighbors_from_arrays, voronoi_neighbors
 from test_neighbors_symmetric import enumerated_solid_angle
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "original"
 NEIGHBOUR_FILES = ("neighbours.npz", "neighbours_extra.npz")
 ALL = {"cutoff": np.inf, "min_solid_angle": 0.0, "min_relative_weight": 0.0}  # every facet
 
 
 def load(name: str) -> dict:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture folder {FIXTURES} is absent (CI clones shared/ beside the repository)")
-    return dict(np.load(path))
+    return dict(np.load(FIXTURES / name))
 
 
 def structures(data: dict):
