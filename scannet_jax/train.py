@@ -497,11 +497,16 @@ class WallClock:
         self.final_structures = final_structures
         self.final_eval_s = 0.0
         self.measured = False
+        self.intervals = 0
         self.last_save = self.start
 
     def train_speed(self, structures_per_s: float) -> None:
-        """Estimates the final evaluation from the training speed, until one is measured."""
-        if not self.measured:
+        """Estimates the final evaluation from the training speed of a log interval, until an
+        evaluation speed is measured. The run's first interval is not used: it includes the
+        compilations, which made a 95-minute budget stop before the first epoch on a busy
+        machine."""
+        self.intervals += 1
+        if not self.measured and self.intervals > 1:
             self.final_eval_s = (FINAL_EVAL_MARGIN * self.final_structures
                                  / (FORWARD_FRACTION_OF_STEP * max(structures_per_s, 1e-9)) + FINAL_EVAL_OVERHEAD_S)
 
@@ -724,6 +729,7 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
             {k: np.float32(v) for k, v in loop.epoch_sums.items()}, mesh)
         seen_nonfinite = 0.0 if loop.epoch_sums is None else loop.epoch_sums["nonfinite"]
         epoch_start = time.time()
+        last_log = (epoch_start, 0.0 if loop.epoch_sums is None else loop.epoch_sums["count"])
         batches = batching.device_batches(train_plan, mesh, run.seed, epoch, loop.batch_index, run.prefetch)
         bar = tqdm(batches, total=steps_per_epoch, initial=loop.batch_index, desc=f"epoch {epoch}",
                    disable=jax.process_index() != 0, leave=False, mininterval=1.0)
@@ -743,7 +749,10 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
                     state = set_learning_rate(state, loop.epoch_lr * loop.lr_scale, mesh)
                 running = _summarise(host)
                 rate = host["count"] / max(time.time() - epoch_start, 1e-9)
-                clock.train_speed(rate)
+                now = time.time()
+                # the speed since the last interval: the first intervals include compilation
+                clock.train_speed((host["count"] - last_log[1]) / max(now - last_log[0], 1e-9))
+                last_log = (now, host["count"])
                 bar.set_postfix(loss=f"{running['loss']:.4f}", mae=f"{running['mae']:.4g}", mol_s=f"{rate:.0f}")
                 writer.write({"epoch": epoch, "step": int(state.step),
                               "epoch_progress": epoch + loop.batch_index / steps_per_epoch,

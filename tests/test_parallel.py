@@ -2,7 +2,7 @@
 
 The multi-device cases run this file as a script in subprocesses (``XLA_FLAGS`` must be set
 before JAX starts), each doing one ``train_step`` on the same global batch built from the
-structures of ``shared/fixtures/neighbours*.npz`` and writing the new parameters to a file.
+structures of ``tests/fixtures/original/neighbours*.npz`` and writing the new parameters to a file.
 """
 
 from __future__ import annotations

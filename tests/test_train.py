@@ -1,6 +1,6 @@
 """Training loop: loss falls, kill-and-resume is exact, NaN targets/losses, fine-tuning, LR.
 
-Fast cases use the structures of ``shared/fixtures/neighbours*.npz`` with a synthetic target
+Fast cases use the structures of ``tests/fixtures/original/neighbours*.npz`` with a synthetic target
 (see ``test_parallel.fixture_store``); the QM9 case uses the ``tiny`` config on a QM9 slice.
 Runs that must be killed run this file as a script in a subprocess.
 """
