@@ -249,25 +249,22 @@ def ours_training_setup(store, variant: str, batch: int, num_buckets: int = 2):
     """The QM9 recipe's model, optimiser, train state and jitted steps for ``store``.
 
     Returns:
-      (state, steps, plan, mesh) as ``train.train_and_evaluate`` builds them.
+      (state, steps, plan, mesh) as ``train.setup`` builds them (every molecule in the
+      training split; the scaler of all of them).
     """
-    import jax
     import numpy as np
 
     from configs import qm9 as qm9_config
-    from scannet_jax import parallel, train
+    from scannet_jax import train
 
     config = qm9_config.get_config(TARGET + (",scann" if variant == "scann" else ""))
     config.batch_size = config.eval_batch_size = batch
-    mesh = parallel.make_mesh()
-    plan = train.make_plan(store, TARGET, batch, num_buckets, mesh)
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, plan.num_batches())
-    example = jax.tree.map(lambda x: x[0], plan.batch(np.arange(min(batch, len(store)))))
-    targets = store.targets[TARGET]
-    state = train.create_train_state(config, model, tx, example, float(targets.mean()), float(targets.std()))
-    state = train.set_learning_rate(parallel.replicate(state, mesh), config.optimizer.lr, mesh)
-    return state, train.make_steps(mesh, config.optimizer.l2), plan, mesh
+    config.num_buckets = num_buckets
+    everything = np.arange(len(store))
+    data = train.make_datasets(store, {"train": everything, "validation": everything, "test": everything}, TARGET)
+    trainer = train.setup(config, data)
+    state = train.set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
+    return state, trainer.steps, trainer.train_plan, trainer.mesh
 
 
 def ours_worker(task: str, args: argparse.Namespace) -> dict:
@@ -306,10 +303,11 @@ def ours_worker(task: str, args: argparse.Namespace) -> dict:
         from bench_predict import random_predictor
 
         from scannet_jax.datasets import featurize
+        from scannet_jax.structures import molecule
         from scannet_jax.neighbors import FeaturizerSettings
 
         settings = FeaturizerSettings()
-        structures = [featurize.Structure(*_molecule(data, s)) for s in range(args.featurize)]
+        structures = [molecule(*_molecule(data, s)) for s in range(args.featurize)]
         featurize.featurize_one(structures[0], settings, False)
         t0 = time.perf_counter()
         for s in structures:
