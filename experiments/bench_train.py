@@ -2,7 +2,9 @@
 
     python experiments/bench_train.py --steps=40
 
-For SCANN+ and SCANN: compile time of the train step (per bucket), train and eval molecules/s
+For SCANN+ and SCANN: compile time of the train step (per bucket), train and eval molecules/s,
+the step's FLOPs and bytes from XLA's cost model with the achieved FLOP/s and bytes/s as
+fractions of this machine's measured matmul and streaming peaks (`cost_analysis.py`),
 over timed steps (eval: timed batches already on device) with batches prepared ahead (background prefetch), compile counts, padding
 efficiency of the training buckets over a whole epoch, and the process's peak resident memory.
 Writes a table to stdout and JSON to experiments/results/bench_train.json.
@@ -31,9 +33,6 @@ flags.DEFINE_integer("num_buckets", 4, "Bucket shapes per split.")
 flags.DEFINE_integer("steps", 40, "Timed training steps (after every bucket has compiled).")
 flags.DEFINE_integer("eval_batches", 20, "Timed evaluation batches.")
 flags.DEFINE_string("out", str(REPO / "experiments" / "results" / "bench_train.json"), "JSON output.")
-
-ORIGINAL_MOL_PER_S = {"scannplus": 66.0, "scann": 128.0}  # the original on this CPU (task brief)
-
 
 def _cpu_seconds() -> float:
     """User + system CPU time of this process (all threads), s."""
@@ -70,6 +69,16 @@ def bench_variant(variant: str) -> dict:
         jax.block_until_ready(metrics)
         compile_s[str(tuple(bucket))] = time.perf_counter() - t0
 
+    # XLA's cost model of the step on the bucket most batches use (FLOPs, bytes accessed).
+    from cost_analysis import fraction_of_peak, measure_peaks, step_cost
+
+    counts = {}
+    for b in range(plan.num_batches()):
+        bucket = plan.bucket_for(plan.chunks(order[b * plan.batch_size:(b + 1) * plan.batch_size]))
+        counts[bucket] = counts.get(bucket, 0) + 1
+    common = max(counts, key=counts.get)
+    cost = step_cost(steps.train, state, parallel.shard_batch(plan.batch(batches_by_bucket[common]), mesh))
+
     # Timed training: batches 1..n of epoch 1 in order, prepared ahead by the prefetch thread;
     # no host synchronisation inside the loop (as in train_and_evaluate between log intervals).
     n = min(FLAGS.steps, plan.num_batches() - 2)
@@ -97,7 +106,10 @@ def bench_variant(variant: str) -> dict:
     eval_molecules = sum(float(m["count"]) for m in sums)
 
     train_rate = molecules / train_s
+    achieved = fraction_of_peak(cost, train_s / n, measure_peaks())
     return {
+        "step_cost_common_bucket": {"bucket": list(common), **cost},
+        "achieved_vs_measured_peak": achieved,
         "variant": variant,
         "num_params": int(num_params),
         "structures": {"train": len(plan), "validation": len(eval_plan)},
@@ -112,8 +124,6 @@ def bench_variant(variant: str) -> dict:
         "compile_counts": steps.compile_counts(),
         "buckets": [list(b) for b in plan.buckets],
         "padding_efficiency_epoch": plan.padding_efficiency(config.seed, 0),
-        "speedup_vs_original": train_rate / ORIGINAL_MOL_PER_S[variant],
-        "original_molecules_per_s": ORIGINAL_MOL_PER_S[variant],
     }
 
 
@@ -137,15 +147,17 @@ def main(argv):
     print(f"device {result['device']}, batch {FLAGS.batch_size}, load {load_before[0]:.1f} -> "
           f"{result['loadavg_after'][0]:.1f}, peak RSS {result['peak_rss_mib']:.0f} MiB")
     print(f"{'variant':10} {'params':>8} {'train mol/s':>12} {'mol/CPU-s':>10} {'ms/step':>8} {'eval mol/s':>11} "
-          f"{'compile s':>24} {'pad eff n/e':>12} {'x orig':>7}")
+          f"{'compile s':>24} {'pad eff n/e':>12} {'GFLOP/s':>8} {'of peak':>8} {'GB/s':>6} {'of peak':>8}")
     for r in rows:
+        a = r["achieved_vs_measured_peak"]
         compiles = ", ".join(f"{v:.1f}" for v in r["compile_s_per_train_bucket"].values())
         pad = r["padding_efficiency_epoch"]
         print(f"{r['variant']:10} {r['num_params']:8d} {r['train_molecules_per_s']:12.1f} "
               f"{r['train_molecules_per_cpu_s']:10.1f} "
               f"{r['train_ms_per_step_mean']:8.1f} "
               f"{r['eval_molecules_per_s']:11.1f} {compiles:>24} {pad['nodes']:.2f}/{pad['edges']:.2f} "
-              f"{r['speedup_vs_original']:7.2f}")
+              f"{a['flops_per_s'] / 1e9:8.1f} {a['flops_fraction']:8.1%} {a['bytes_per_s'] / 1e9:6.1f} "
+              f"{a['bytes_fraction']:8.1%}")
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(result, indent=2))
 
