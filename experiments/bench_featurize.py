@@ -98,9 +98,10 @@ def _pymatgen_original(task: tuple[np.ndarray, np.ndarray, str]) -> tuple[int, f
     return edges, time.process_time() - start
 
 
-def run(molecules, mode: str, procs: int, worker=_featurize, chunksize: int = 64) -> dict:
-    tasks = [(z, x, mode) for z, x in molecules]
-    warm = tasks[: min(20, len(tasks))]
+def time_tasks(tasks: list, procs: int, worker, chunksize: int, num_warm: int) -> tuple[list, float]:
+    """(results of ``worker`` on every task, wall seconds), in this process or a pool of
+    ``procs``, after ``num_warm`` warm-up tasks (per worker); each result is (edges, CPU seconds)."""
+    warm = tasks[: min(num_warm, len(tasks))]
     if procs == 1:
         for t in warm:
             worker(t)
@@ -113,6 +114,12 @@ def run(molecules, mode: str, procs: int, worker=_featurize, chunksize: int = 64
             start = time.perf_counter()
             results = list(pool.imap(worker, tasks, chunksize=chunksize))
             seconds = time.perf_counter() - start
+    return results, seconds
+
+
+def run(molecules, mode: str, procs: int, worker=_featurize, chunksize: int = 64) -> dict:
+    tasks = [(z, x, mode) for z, x in molecules]
+    results, seconds = time_tasks(tasks, procs, worker, chunksize, num_warm=20)
     cpu = sum(r[1] for r in results)
     # CPU seconds spent inside the featuriser: on a shared machine, molecules per CPU-second
     # estimates what one free core does, while wall-clock molecules/s depends on the load.

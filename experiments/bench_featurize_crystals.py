@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 import ase
 import numpy as np
 
+from bench_featurize import time_tasks
 from scannet_jax import neighbors
 from scannet_jax.datasets import mp
 
@@ -114,19 +114,7 @@ def run(crystals: list[ase.Atoms], procs: int, worker, cutoff: float, min_solid_
         chunksize: int = 16) -> dict:
     """Wall-clock and CPU rates of `worker` over the crystals (after a warm-up)."""
     tasks = [(a, cutoff, min_solid_angle) for a in crystals]
-    warm = tasks[: min(10, len(tasks))]
-    if procs == 1:
-        for t in warm:
-            worker(t)
-        start = time.perf_counter()
-        results = list(map(worker, tasks))
-        seconds = time.perf_counter() - start
-    else:
-        with multiprocessing.get_context("fork").Pool(procs) as pool:
-            pool.map(worker, warm * procs, chunksize=1)  # import and warm every worker
-            start = time.perf_counter()
-            results = list(pool.imap(worker, tasks, chunksize=chunksize))
-            seconds = time.perf_counter() - start
+    results, seconds = time_tasks(tasks, procs, worker, chunksize, num_warm=10)
     cpu = sum(r[1] for r in results)
     # crystals per CPU-second estimates what one free core does on a shared machine
     return {"procs": procs, "crystals": len(tasks), "atoms": int(sum(len(a) for a in crystals)),
