@@ -131,17 +131,16 @@ def test_top_atoms():
     assert predict.top_atoms(atoms, np.array([0.2, 0.5, 0.3]), k=2) == [(1, "H", 0.5), (2, "H", 0.3)]
 
 
-@pytest.mark.slow  # starts two Python processes that import JAX (tens of seconds on a busy machine)
 def test_worker_pool_featurisation_equals_in_process(predictor, monkeypatch):
     mols = [molecule(name) for name in ("H2O", "CH4", "C6H6", "CH3CH2OH", "NH3")]
     mols.insert(2, Atoms("CH", [[0, 0, 0], [0, 0, 0.05]]))
     serial = predictor.predict_each(mols)
     monkeypatch.setattr(predict, "PARALLEL_THRESHOLD", 4)
-    pooled = predict.Predictor(predictor.model_config, predictor._params, settings=predictor.settings,
+    pooled = predict.Predictor(predictor.model_config, predictor._variables["params"], settings=predictor.settings,
                                mean=MEAN, std=STD, domain=predictor.domain, batch_size=4, num_workers=2)
     try:
         parallel = pooled.predict_each(mols)
-        assert pooled._pool is not None
+        assert pooled.featurizer._pool is not None
     finally:
         pooled.close()
     assert "atoms 0 and 1 are 0.05 Å apart" in str(parallel[2])
