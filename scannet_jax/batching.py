@@ -162,6 +162,40 @@ def select_bucket(n_node: int, n_edge: int, n_graph: int, buckets: Sequence[Buck
                      f"largest is {buckets[-1] if buckets else None}")
 
 
+def _gather(values: np.ndarray, src: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
+    """``values[src]`` padded with ``fill`` to ``size`` rows, gathered straight into the result.
+
+    Args:
+      values: [R, ...] array of a store.
+      src: int [M] rows to take, all in range (M <= size).
+      size: rows of the result.
+      fill: value of rows M..size-1.
+
+    Returns:
+      [size, ...] array of ``values.dtype``.
+    """
+    out = np.empty((size, *values.shape[1:]), values.dtype)
+    np.take(values, src, axis=0, out=out[:len(src)], mode="clip")  # "clip": no buffered bounds check
+    out[len(src):] = fill
+    return out
+
+
+def _shifted(local: np.ndarray, src: np.ndarray, shift: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """Batch-global node indices ``local[src] + shift`` as int32 [size], padded with ``fill``.
+
+    Args:
+      local: int [E] node indices local to each structure (senders or receivers of a store).
+      src: int [M] edges to take.
+      shift: int32 [M] first batch node of each taken edge's graph.
+      size: rows of the result.
+      fill: index of the padding rows (the first padding node).
+    """
+    out = np.empty(size, np.int32)
+    np.add(local[src], shift, out=out[:len(src)])
+    out[len(src):] = fill
+    return out
+
+
 def pad_batch(
     store: GraphStore, indices: Sequence[int] | np.ndarray, bucket: Bucket, target_name: str | None
 ) -> jraph.GraphsTuple:
@@ -193,20 +227,15 @@ def pad_batch(
                          f"fit {bucket} (one padding node and one padding graph are needed)")
     node_src = concat_ranges(store.node_ptr[indices], n_node)
     edge_src = concat_ranges(store.edge_ptr[indices], n_edge)
-    edge_shift = np.repeat(np.cumsum(n_node) - n_node, n_edge)  # first node of each edge's graph
-
-    def padded(values: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
-        out = np.full((size, *values.shape[1:]), fill, values.dtype)
-        out[: len(values)] = values
-        return out
-
-    nodes = {"atomic_numbers": padded(store.atomic_numbers[node_src], bucket.n_node)}
+    nodes = {"atomic_numbers": _gather(store.atomic_numbers, node_src, bucket.n_node)}
     if store.ring_aromatic is not None:
-        nodes["ring_aromatic"] = padded(store.ring_aromatic[node_src], bucket.n_node)
-    edges = {name: padded(getattr(store, name)[edge_src], bucket.n_edge)
+        nodes["ring_aromatic"] = _gather(store.ring_aromatic, node_src, bucket.n_node)
+    edges = {name: _gather(getattr(store, name), edge_src, bucket.n_edge)
              for name in ("distances", "solid_angles", "relative_weights")}
-    senders = padded((store.senders[edge_src] + edge_shift).astype(np.int32), bucket.n_edge, num_nodes)
-    receivers = padded((store.receivers[edge_src] + edge_shift).astype(np.int32), bucket.n_edge, num_nodes)
+    node_offset = (np.cumsum(n_node) - n_node).astype(np.int32)  # first batch node of each graph
+    edge_shift = np.repeat(node_offset, n_edge)  # int32 [num_edges]
+    senders = _shifted(store.senders, edge_src, edge_shift, bucket.n_edge, num_nodes)
+    receivers = _shifted(store.receivers, edge_src, edge_shift, bucket.n_edge, num_nodes)
     graph_n_node = np.zeros(bucket.n_graph, np.int32)
     graph_n_node[:num_graphs] = n_node
     graph_n_node[num_graphs] = bucket.n_node - num_nodes
@@ -309,6 +338,8 @@ class BatchPlan:
         chunks = self.chunks(indices)
         bucket = self.bucket_for(chunks)
         padded = [pad_batch(self.store, chunks[d], bucket, self.target) for d in self.local_devices]
+        if len(padded) == 1:  # a view with a leading axis: no copy of the fresh arrays
+            return jax.tree.map(lambda x: x[None], padded[0])
         return jax.tree.map(lambda *xs: np.stack(xs), *padded)
 
     def batches(self, seed: int | None, epoch: int, start: int = 0) -> Iterator[jraph.GraphsTuple]:

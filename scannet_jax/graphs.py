@@ -380,8 +380,9 @@ class GraphStore:
     def load(cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> GraphStore:
         """Opens a store written by `save`, verifying it completely.
 
-        The arrays are memory-mapped read-only, so a store larger than memory can be trained on:
-        batches read the rows they gather, and the kernel drops pages under memory pressure. The
+        The arrays are read-only ndarray views of memory maps, so a store larger than memory can
+        be trained on: batches read the rows they gather, and the kernel drops pages under memory
+        pressure. The
         checksums are computed by streaming each file, not through the mapping, so verifying
         does not make the whole store resident.
 
@@ -425,7 +426,9 @@ class GraphStore:
                                         f"manifest says {info['shape']} {info['dtype']}")
             if _file_crc32(file, size - array.nbytes) != info["crc32"]:
                 raise CorruptStoreError(f"{file}: checksum mismatch")
-            arrays[name] = array
+            # A plain ndarray view of the mapping: np.memmap's Python-level __getitem__ and
+            # __array_wrap__ cost microseconds per gather and make every derived array a memmap.
+            arrays[name] = np.asarray(array)
         targets = {k.split(".", 1)[1]: arrays.pop(k) for k in list(arrays) if k.startswith("target.")}
         try:
             return cls(**arrays, targets=targets)

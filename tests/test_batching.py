@@ -12,7 +12,7 @@ from scannet_jax import batching
 from scannet_jax.batching import Bucket
 from scannet_jax.graphs import GraphStore
 
-from test_graphs import random_edges
+from test_graphs import Edges, random_edges
 
 
 def make_store(num: int, seed: int = 0, max_atoms: int = 29) -> GraphStore:
@@ -45,6 +45,50 @@ def test_pad_batch_layout_matches_jraph(store):
     assert got.globals["index"].tolist() == [5, 17, 2, -1, -1, -1]
     num_real_nodes = int(store.n_node[idx].sum())
     assert (got.senders[store.n_edge[idx].sum():] == num_real_nodes).all()  # padding edges -> first pad node
+
+
+def tiny_store() -> GraphStore:
+    """Two hand-made structures: water-like (3 atoms, 4 edges) and a diatomic (2 atoms, 2 edges)."""
+    edges = [Edges(receivers=np.array([0, 0, 1, 2]), senders=np.array([1, 2, 0, 0]),
+                   distances=np.array([0.5, 0.75, 0.5, 0.75]), solid_angles=np.array([1.0, 2.0, 3.0, 4.0]),
+                   weights=np.array([0.25, 0.5, 0.75, 1.0])),
+             Edges(receivers=np.array([0, 1]), senders=np.array([1, 0]), distances=np.array([1.5, 1.5]),
+                   solid_angles=np.array([5.0, 6.0]), weights=np.array([1.0, 1.0]))]
+    return GraphStore.from_structures([np.array([8, 1, 1]), np.array([6, 1])], edges,
+                                      targets={"homo": [0.25, -0.5]}, index=[10, 11],
+                                      ring_aromatic=[np.array([[1, 0], [0, 0], [0, 1]]), np.array([[0, 0], [1, 1]])])
+
+
+def test_pad_batch_equals_a_hand_computed_batch():
+    """Structures [1, 0] into Bucket(8, 8, 4): every array, dtype and shape written out by hand."""
+    got = batching.pad_batch(tiny_store(), [1, 0], Bucket(8, 8, 4), "homo")
+    f32, i32 = np.float32, np.int32
+    want = jraph.GraphsTuple(
+        nodes={"atomic_numbers": np.array([6, 1, 8, 1, 1, 0, 0, 0], i32),
+               "ring_aromatic": np.array([[0, 0], [1, 1], [1, 0], [0, 0], [0, 1], [0, 0], [0, 0], [0, 0]], f32)},
+        edges={"distances": np.array([1.5, 1.5, 0.5, 0.75, 0.5, 0.75, 0, 0], f32),
+               "solid_angles": np.array([5, 6, 1, 2, 3, 4, 0, 0], f32),
+               "relative_weights": np.array([1, 1, 0.25, 0.5, 0.75, 1, 0, 0], f32)},
+        senders=np.array([1, 0, 3, 4, 2, 2, 5, 5], i32),  # structure 0 shifted by 2; padding -> node 5
+        receivers=np.array([0, 1, 2, 2, 3, 4, 5, 5], i32),
+        n_node=np.array([2, 3, 3, 0], i32), n_edge=np.array([2, 4, 2, 0], i32),
+        globals={"target": np.array([-0.5, 0.25, 0, 0], f32), "index": np.array([11, 10, -1, -1], i32)})
+    assert type(got) is jraph.GraphsTuple and jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert type(x) is np.ndarray and x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+    nan = batching.pad_batch(tiny_store(), [0], Bucket(4, 4, 2), None).globals["target"]
+    assert np.isnan(nan[0]) and nan[1] == 0 and nan.dtype == np.float32
+
+
+def test_memory_mapped_store_pads_like_the_in_memory_one(tmp_path, store):
+    store.save(tmp_path / "s")
+    loaded = GraphStore.load(tmp_path / "s")
+    idx, bucket = np.array([7, 3, 2999, 0]), Bucket(192, 512, 6)
+    for x, y in zip(jax.tree.leaves(batching.pad_batch(loaded, idx, bucket, "homo")),
+                    jax.tree.leaves(batching.pad_batch(store, idx, bucket, "homo"))):
+        assert type(x) is np.ndarray and x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
 
 
 def test_padding_then_unpadding_keeps_every_real_graph(store):
