@@ -87,50 +87,6 @@ def _check_structure(
         raise ValueError(f"{where}: ring_aromatic has shape {np.shape(ring_aromatic)}, expected ({num_atoms}, 2)")
 
 
-def graph_from_neighbors(
-    numbers: np.ndarray,
-    neighbors: NeighborsLike,
-    ring_aromatic: np.ndarray | None = None,
-    *,
-    index: int = 0,
-) -> jraph.GraphsTuple:
-    """Builds the single-structure GraphsTuple used at prediction time.
-
-    Args:
-      numbers: [N] atomic numbers Z (> 0).
-      neighbors: edges of the structure (`neighbors.Neighbors`).
-      ring_aromatic: optional [N, 2] flags [in ring, aromatic].
-      index: value of `globals["index"]`.
-
-    Returns:
-      A GraphsTuple with one graph: nodes {"atomic_numbers" int32 [N], optionally
-      "ring_aromatic" float32 [N, 2]}, edges {"distances" [E] Å, "solid_angles" [E] sr,
-      "relative_weights" [E]} float32, int32 senders/receivers [E], globals
-      {"target": float32 [1] = NaN (unknown), "index": int32 [1]}.
-
-    Raises:
-      ValueError: naming the atom or edge if the inputs are inconsistent.
-    """
-    numbers = np.asarray(numbers)
-    _check_structure(numbers, neighbors, ring_aromatic, "structure")
-    nodes = {"atomic_numbers": numbers.astype(np.int32)}
-    if ring_aromatic is not None:
-        nodes["ring_aromatic"] = np.asarray(ring_aromatic, np.float32)
-    return jraph.GraphsTuple(
-        nodes=nodes,
-        edges={
-            "distances": np.asarray(neighbors.distances, np.float32),
-            "solid_angles": np.asarray(neighbors.solid_angles, np.float32),
-            "relative_weights": np.asarray(neighbors.weights, np.float32),
-        },
-        senders=np.asarray(neighbors.senders, np.int32),
-        receivers=np.asarray(neighbors.receivers, np.int32),
-        n_node=np.array([numbers.shape[0]], np.int32),
-        n_edge=np.array([len(neighbors.receivers)], np.int32),
-        globals={"target": np.full(1, np.nan, np.float32), "index": np.array([index], np.int32)},
-    )
-
-
 def _ptr(counts: np.ndarray) -> np.ndarray:
     ptr = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=ptr[1:])

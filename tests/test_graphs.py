@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scannet_jax import graphs
-from scannet_jax.graphs import CorruptStoreError, GraphStore, concat_ranges, graph_from_neighbors
+from scannet_jax.graphs import CorruptStoreError, GraphStore, concat_ranges
 
 
 class Edges(NamedTuple):
@@ -84,16 +84,6 @@ def test_bad_input_names_structure_and_atom():
     if len(bad.senders):
         with pytest.raises(ValueError, match="structure 0: edge 0 has sender 3 outside"):
             GraphStore.from_structures([np.array([1, 6, 8])], [bad])
-
-
-def test_graph_from_neighbors_single_graph():
-    edges = Edges(np.array([0, 1]), np.array([1, 0]), np.array([0.97, 0.97]), np.array([2.0, 2.1]),
-                  np.array([1.0, 1.0]))
-    g = graph_from_neighbors(np.array([8, 1]), edges, index=5)
-    assert g.n_node.tolist() == [2] and g.n_edge.tolist() == [2]
-    assert g.nodes["atomic_numbers"].dtype == np.int32 and g.senders.dtype == np.int32
-    assert g.edges["relative_weights"].dtype == np.float32 and "ring_aromatic" not in g.nodes
-    assert np.isnan(g.globals["target"][0]) and g.globals["index"].tolist() == [5]
 
 
 def test_save_load_round_trip_and_metadata(tmp_path):
