@@ -4,8 +4,7 @@ Featurises QM9 once (or loads the feature cache), chooses buckets for the traini
 walks whole shuffled training epochs at the given batch size, counting real and padded nodes and
 edges and the distinct padded shapes, and times `pad_batch` alone and `BatchPlan.batches` (the training path) with and without
 `prefetch`. The first `--warmup` batches of each timing are not counted. Nothing is compiled
-here (NumPy only); the one-time costs reported instead are the cache load, the tfds -> GraphStore
-consolidation and the bucket choice.
+here (NumPy only); the one-time costs reported instead are the cache load and the bucket choice.
 
   python experiments/bench_batching.py --batch_size=128 --max_buckets=4
 """
@@ -22,7 +21,7 @@ import jax
 from absl import app, flags
 
 from scannet_jax import batching
-from scannet_jax.datasets import featurize, qm9_tfds
+from scannet_jax.datasets import featurize, qm9
 from scannet_jax.neighbors import NEIGHBORS_VERSION, FeaturizerSettings
 
 FLAGS = flags.FLAGS
@@ -36,7 +35,6 @@ flags.DEFINE_integer("limit", None, "use only the first N molecules (quick runs)
 flags.DEFINE_integer("num_workers", None, "featurisation processes (default: all cores)")
 flags.DEFINE_string("mode", "exact", "neighbour mode")
 flags.DEFINE_string("cache_dir", None, "feature cache root (default: featurize.default_cache_dir())")
-flags.DEFINE_bool("time_consolidation", True, "also time reading the tfds records back into a GraphStore")
 flags.DEFINE_string("out", str(Path(__file__).parent / "results" / "bench_batching.json"), "JSON output")
 
 
@@ -66,18 +64,12 @@ def main(argv: list[str]) -> None:
     keyed = featurize.cache_path(FLAGS.cache_dir, name, settings, ring=False)
     cache_existed = (keyed / "graphs" / "manifest.json").exists()
     start = time.perf_counter()
-    store, splits = qm9_tfds.load_qm9(settings, cache_dir=FLAGS.cache_dir, num_workers=FLAGS.num_workers,
-                                 limit=FLAGS.limit, seed=FLAGS.seed)
+    store, splits = qm9.load(settings, cache_dir=FLAGS.cache_dir, num_workers=FLAGS.num_workers,
+                              limit=FLAGS.limit, seed=FLAGS.seed)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    store, splits = qm9_tfds.load_qm9(settings, cache_dir=FLAGS.cache_dir, limit=FLAGS.limit, seed=FLAGS.seed)
+    store, splits = qm9.load(settings, cache_dir=FLAGS.cache_dir, limit=FLAGS.limit, seed=FLAGS.seed)
     cached_load_s = time.perf_counter() - start
-    consolidate_s = None
-    if FLAGS.time_consolidation:
-        start = time.perf_counter()
-        source = qm9_tfds.open_data_source(keyed / "tfds", settings, limit=FLAGS.limit)
-        qm9_tfds.store_from_source(source, ring=False, expected=len(store))
-        consolidate_s = time.perf_counter() - start
     train = splits["train"]
 
     start = time.perf_counter()
@@ -131,7 +123,7 @@ def main(argv: list[str]) -> None:
         "padding": {"real_node_fraction": real_nodes / pad_nodes, "real_edge_fraction": real_edges / pad_edges,
                     "distinct_shapes_per_epoch": shapes_per_epoch},
         "seconds": {"first_call": load_s, "first_call_found_cache": cache_existed, "cached_load": cached_load_s,
-                    "tfds_to_graphstore_consolidation": consolidate_s, "choose_buckets": choose_s},
+                    "choose_buckets": choose_s},
         "batches_per_s": {"pad_batch": pad_batch_per_s, "plan_batches": iterate_per_s,
                           "plan_batches_prefetch": prefetch_per_s},
     }
@@ -144,8 +136,6 @@ def main(argv: list[str]) -> None:
           f"shapes per epoch {shapes_per_epoch}")
     print(f"{'first call s':<32}{load_s:>9.2f} ({'cache hit' if cache_existed else 'built the cache'})")
     print(f"{'cached load s':<32}{cached_load_s:>9.2f}")
-    if consolidate_s is not None:
-        print(f"{'tfds -> GraphStore s':<32}{consolidate_s:>9.2f}")
     print(f"{'choose_buckets s':<32}{choose_s:>9.2f}")
     for name, value in result["batches_per_s"].items():
         print(f"{name + ' batches/s':<32}{value:>9.1f}")

@@ -1,7 +1,7 @@
-"""Tests for the QM9 reader and split, featurisation, the keyed cache and the tfds builder."""
+"""Tests for the QM9 reader and split, featurisation, and the keyed store cache every data set
+goes through (`featurize.featurized_store`)."""
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,13 +138,13 @@ def test_cached_store_round_trip_and_rebuild(tmp_path, caplog, monkeypatch):
     first = featurize.cached_store(path, build, metadata=meta, invalidate=tmp_path / "key")
     second = featurize.cached_store(path, build, metadata=meta, invalidate=tmp_path / "key")
     assert len(builds) == 1 and np.array_equal(second.distances, first.distances)
-    (tmp_path / "key" / "tfds_leftover").mkdir()
+    (tmp_path / "key" / "leftover").mkdir()
     victim = path / "senders.npy"
     victim.write_bytes(victim.read_bytes()[:-8])  # truncated file
     with caplog.at_level(logging.WARNING):
         rebuilt = featurize.cached_store(path, build, metadata=meta, invalidate=tmp_path / "key")
     assert len(builds) == 2 and "unusable and will be rebuilt" in caplog.text and "senders.npy" in caplog.text
-    assert not (tmp_path / "key" / "tfds_leftover").exists()  # the whole keyed directory was dropped
+    assert not (tmp_path / "key" / "leftover").exists()  # the whole keyed directory was dropped
     np.testing.assert_array_equal(rebuilt.senders, store.senders)
     featurize.cached_store(path, build, metadata={**meta, "featurizer": "k2"})  # made differently
     assert len(builds) == 3
@@ -190,52 +190,113 @@ def settings():
     return FeaturizerSettings()
 
 
-def test_tfds_builder_round_trip_without_tensorflow(tmp_path, settings, first200):
-    import grain
-
-    from scannet_jax.datasets import qm9_tfds
-
-    source = qm9_tfds.open_data_source(tmp_path, settings, ring=True, limit=40, num_workers=1)
-    assert len(source) == 40
-    records = list(grain.MapDataset.source(source))
-    order = [int(r["index"]) for r in records]
-    assert sorted(order) == list(range(40)) and order != list(range(40))  # tfds shuffles records
-    for r in records:
-        s = int(r["index"])
-        assert r["gdb_index"] == first200.gdb_index[s]
-        np.testing.assert_array_equal(r["atomic_numbers"], first200.structure(s).numbers)
-        assert r["targets"]["homo"] == first200.targets["homo"][s]  # float64, bit for bit
-        want = featurize.featurize_one(first200.structure(s), settings, ring=True)
-        np.testing.assert_array_equal(r["senders"], want.senders)
-        np.testing.assert_array_equal(r["receivers"], want.receivers)
-        np.testing.assert_array_equal(r["solid_angles"], want.solid_angles)
-        np.testing.assert_array_equal(r["ring_aromatic"], want.ring_aromatic)
-    store = qm9_tfds.store_from_source(source, ring=True, expected=40)
-    np.testing.assert_array_equal(store.index, np.arange(40))
-    np.testing.assert_array_equal(store.n_node, first200.n_atoms[:40])
-    assert "tensorflow" not in sys.modules
+STORE_ARRAYS = ("atomic_numbers", "node_ptr", "edge_ptr", "senders", "receivers", "distances", "solid_angles",
+                "relative_weights", "index", "ring_aromatic")
 
 
-def test_load_qm9_builds_once_then_loads_the_cache(tmp_path, settings):
-    import time
+def _assert_same_store(got: GraphStore, want: GraphStore) -> None:
+    for name in STORE_ARRAYS:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert set(got.targets) == set(want.targets)
+    for name, values in want.targets.items():
+        np.testing.assert_array_equal(got.targets[name], values, err_msg=name)
 
-    store, splits = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100), cache_dir=tmp_path, num_workers=2)
-    assert len(store) == 100 and {k: len(v) for k, v in splits.items()} == {"train": 80, "validation": 10,
-                                                                         "test": 10}
-    keyed = featurize.cache_path(tmp_path, "qm9-first100", settings, ring=False)
-    assert (keyed / "graphs" / "manifest.json").exists() and (keyed / "tfds").is_dir()
-    start = time.perf_counter()
-    again, splits_again = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100), cache_dir=tmp_path)
-    assert time.perf_counter() - start < 5
-    np.testing.assert_array_equal(again.distances, store.distances)
-    assert all(np.array_equal(splits[k], splits_again[k]) for k in splits)
-    # parallel featurisation (2 spawned workers) equals in-process featurisation
+
+def _counting(monkeypatch) -> list[int]:
+    """Counts `qm9.read_qm9` calls (one per store built: the cache path reads the CSVs only to build)."""
+    calls, read = [], qm9.read_qm9
+
+    def counted(limit=None):
+        calls.append(limit)
+        return read(limit)
+
+    monkeypatch.setattr(qm9, "read_qm9", counted)
+    return calls
+
+
+def test_load_qm9_featurizes_into_the_store_once(tmp_path, settings, monkeypatch):
+    import sys
+
     molecules = qm9.read_qm9(limit=100)
-    inline = [featurize.featurize_one(molecules.structure(s), settings, ring=False) for s in (0, 57, 99)]
-    for s, want in zip((0, 57, 99), inline):
+    calls = _counting(monkeypatch)
+    store, splits = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100), cache_dir=tmp_path,
+                                  ring=True, num_workers=2)
+    assert calls == [100] and len(store) == 100
+    assert {k: len(v) for k, v in splits.items()} == {"train": 80, "validation": 10, "test": 10}
+    assert all(np.array_equal(splits[k], v) for k, v in qm9.split_indices(store.n_node, seed=0).items())
+    # Content: the molecules in dataset order, targets bit for bit, and (2 spawned workers) the
+    # same edges and ring flags as featurising each molecule in this process.
+    np.testing.assert_array_equal(store.index, np.arange(100))
+    np.testing.assert_array_equal(store.n_node, molecules.n_atoms)
+    np.testing.assert_array_equal(store.atomic_numbers, molecules.numbers)
+    assert set(store.targets) == set(qm9.TARGET_COLUMNS)
+    for name, values in molecules.targets.items():
+        assert store.targets[name].dtype == np.float64 and np.array_equal(store.targets[name], values)
+    for s in range(100):
+        want = featurize.featurize_one(molecules.structure(s), settings, ring=True)
         g = store.graph(s)
         np.testing.assert_array_equal(g.senders, want.senders)
+        np.testing.assert_array_equal(g.receivers, want.receivers)
         np.testing.assert_array_equal(g.edges["distances"], want.distances)
+        np.testing.assert_array_equal(g.edges["solid_angles"], want.solid_angles)
+        np.testing.assert_array_equal(g.edges["relative_weights"], want.weights)
+        np.testing.assert_array_equal(g.nodes["ring_aromatic"], want.ring_aromatic)
+    # One on-disk copy: the keyed directory holds the store and nothing else.
+    keyed = featurize.cache_path(tmp_path, "qm9-first100", settings, ring=True)
+    assert [p.name for p in keyed.iterdir()] == ["graphs"] and (keyed / "graphs" / "manifest.json").exists()
+    # Reuse: the second load reads the store, neither the CSVs nor the featuriser.
+    monkeypatch.setattr(featurize, "build_store", lambda *a, **k: pytest.fail("featurised again"))
+    again, splits_again = datasets.load("qm9", featurizer=settings, source=datasets.Source(limit=100),
+                                        cache_dir=tmp_path, ring=True)
+    assert calls == [100]
+    _assert_same_store(again, store)
+    assert all(np.array_equal(splits[k], splits_again[k]) for k in splits)
+    assert not any(m == "tensorflow" or m.startswith(("tensorflow.", "tensorflow_datasets", "grain"))
+                   for m in sys.modules)
+
+
+def test_qm9_cache_is_keyed_by_featurizer_settings_and_ring(tmp_path, settings, monkeypatch):
+    from scannet_jax.neighbors import FeaturizerSettings
+
+    calls = _counting(monkeypatch)
+
+    def load(s: FeaturizerSettings, ring: bool = False) -> GraphStore:
+        return qm9.load(s, cache_dir=tmp_path, ring=ring, limit=20, num_workers=1)[0]
+
+    base = load(settings)
+    short = load(FeaturizerSettings(cutoff=2.0))
+    with_ring = load(settings, ring=True)
+    assert len(calls) == 3
+    dirs = {featurize.cache_path(tmp_path, "qm9-first20", s, r) for s, r in
+            ((settings, False), (FeaturizerSettings(cutoff=2.0), False), (settings, True))}
+    assert len(dirs) == 3 and all((d / "graphs" / "manifest.json").exists() for d in dirs)
+    assert short.edge_ptr[-1] < base.edge_ptr[-1] and short.distances.max() <= 2.0  # a shorter cutoff
+    assert base.ring_aromatic is None and with_ring.ring_aromatic.shape == (base.node_ptr[-1], 2)
+    np.testing.assert_array_equal(load(settings).distances, base.distances)  # each key keeps its store
+    assert len(calls) == 3
+
+
+def test_half_written_qm9_cache_is_not_reused(tmp_path, settings, monkeypatch, caplog):
+    calls = _counting(monkeypatch)
+    store, _ = qm9.load(settings, cache_dir=tmp_path, limit=20, num_workers=1)
+    graphs_dir = featurize.cache_path(tmp_path, "qm9-first20", settings, ring=False) / "graphs"
+    # A store directory cut short: an array truncated and no manifest (it is written last).
+    (graphs_dir / "manifest.json").unlink()
+    victim = graphs_dir / "distances.npy"
+    victim.write_bytes(victim.read_bytes()[:-16])
+    with caplog.at_level(logging.WARNING):
+        rebuilt, _ = qm9.load(settings, cache_dir=tmp_path, limit=20, num_workers=1)
+    assert len(calls) == 2 and "unusable and will be rebuilt" in caplog.text and "manifest" in caplog.text
+    _assert_same_store(rebuilt, store)
+    # A writer killed before its rename leaves only its temporary directory: not a store.
+    GraphStore.load(graphs_dir)
+    other = tmp_path / "other"
+    keyed = featurize.cache_path(other, "qm9-first20", settings, ring=False)
+    keyed.mkdir(parents=True)
+    (keyed / ".graphs.tmp-deadbeef").mkdir()
+    (keyed / ".graphs.tmp-deadbeef" / "distances.npy").write_bytes(victim.read_bytes()[:100])
+    qm9.load(settings, cache_dir=other, limit=20, num_workers=1)
+    assert len(calls) == 3 and (keyed / "graphs" / "manifest.json").exists()
 
 
 def test_build_store_packs_featurized_structures(settings, first200):

@@ -3,15 +3,15 @@ featurised `GraphStore` plus its splits.
 
 ``DATASETS`` maps a name (``config.data.dataset``) to a loader; every loader takes the same
 typed arguments (the graph builder's settings, a `Source` with the data set's own options, the
-cache root, the ring switch, the worker count and the split seed), featurises with
-`featurize.Featurizer` and caches the store on disk keyed by all of them (`featurize.cached_store`).
-A new data set plugs in with one `register` call.
+cache root, the ring switch, the worker count and the split seed) and goes through one on-disk
+path: `featurize.featurized_store` featurises the structures with `featurize.Featurizer` straight
+into a `GraphStore` cached on disk, keyed by the data set (and its content), the settings, the
+ring switch and the store format version. A new data set plugs in with one `register` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -105,9 +105,9 @@ def load(
 
 
 def _qm9(featurizer: Any, source: Source, **common: Any) -> tuple[GraphStore, dict[str, np.ndarray]]:
-    from scannet_jax.datasets import qm9_tfds
+    from scannet_jax.datasets import qm9
 
-    return qm9_tfds.load_qm9(featurizer, limit=source.limit, **common)
+    return qm9.load(featurizer, limit=source.limit, **common)
 
 
 def _md(name: str) -> Loader:
@@ -122,32 +122,15 @@ def _md(name: str) -> Loader:
 
 
 def _mp(name: str) -> Loader:
-    """A Materials Project set of ``data/mp`` (`mp.read`) with its stored split (``seed`` unused:
+    """A Materials Project set of ``data/mp`` (`mp.load`) with its stored split (``seed`` unused:
     every model trains and is tested on the same crystals)."""
 
-    def loader(featurizer: Any, source: Source, *, cache_dir: str | os.PathLike | None, ring: bool,
-               num_workers: int | None, seed: int) -> tuple[GraphStore, dict[str, np.ndarray]]:
+    def loader(featurizer: Any, source: Source, *, seed: int,
+               **common: Any) -> tuple[GraphStore, dict[str, np.ndarray]]:
         del seed
-        from scannet_jax import structures
-        from scannet_jax.datasets import featurize, mp
+        from scannet_jax.datasets import mp
 
-        atoms, splits = mp.read(name, source.source_dir or None)
-        target = mp.DATASETS[name].target
-        crystals = [structures.from_atoms(a) for a in atoms]
-        values = np.array([a.info[target] for a in atoms], np.float64)
-        digest = hashlib.sha256()
-        for c in crystals:
-            for array in (c.numbers, c.positions, c.cell):
-                digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update(values.tobytes())
-        keyed = f"mp_{name}-{digest.hexdigest()[:12]}"
-        path = featurize.cache_path(cache_dir, keyed, featurizer, ring)
-        store = featurize.cached_store(
-            path / "graphs",
-            lambda: featurize.build_store(crystals, featurizer, targets={target: values}, ring=ring,
-                                          num_workers=num_workers),
-            metadata=featurize.cache_metadata(keyed, featurizer, ring), invalidate=path)
-        return store, splits
+        return mp.load(name, featurizer, data_dir=source.source_dir or None, **common)
 
     return loader
 

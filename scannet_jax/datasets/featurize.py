@@ -4,9 +4,11 @@
 type and function: ``voronoi`` (`neighbors.neighbors_from_arrays`, modes ``exact`` and
 ``original``) now. `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
 many structures in worker processes; `build_store` packs the results into a
-`GraphStore`. `cached_store` keeps a store on disk under a directory keyed by the featuriser
-settings, the data set name, the ring switch and the store format version (`cache_path`), and
-rebuilds it with a logged warning when the saved copy is damaged or was made differently.
+`GraphStore`. `featurized_store` is how every data set reaches disk: it returns the data
+set's store from a directory keyed by the data set name, the featuriser settings, the ring switch
+and the store format version (`cache_path`), or reads, featurises and saves it there
+(`cached_store`), rebuilding with a logged warning when the saved copy is damaged, half-written or
+was made differently. The store is the only on-disk copy of the features.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def cached_store(
 
     A saved store that fails verification (`GraphStore.load`: truncated or missing file,
     checksum, format version, metadata) is never used: a warning is logged, `invalidate`
-    (default `path`; e.g. the whole keyed directory including intermediate files) is deleted and
+    (default `path`; e.g. the whole keyed directory) is deleted and
     the store is rebuilt. Processes sharing the cache (several runs, or the processes of one
     multi-host run) take an advisory lock on `<invalidate>.lock` first: one of them builds, the
     others wait and load its result.
@@ -393,3 +395,48 @@ def build_store(
     return GraphStore.from_structures(
         [s.numbers for s in structures], featurized, targets=targets, index=index,
         ring_aromatic=[f.ring_aromatic for f in featurized] if ring else None)
+
+
+def featurized_store(
+    dataset: str,
+    read: Callable[[], tuple[Sequence[Structure], Mapping[str, Sequence[float]]]],
+    settings: Any,
+    *,
+    ring: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    describe: Callable[[int], str] | None = None,
+) -> GraphStore:
+    """The featurised store of a data set, from the keyed feature cache or built into it.
+
+    Every data set loader goes through here: the store saved under
+    `cache_path(cache_dir, dataset, settings, ring)` is loaded if it verifies; otherwise `read`
+    is called, its structures are featurised (`build_store`, in input order, ``index`` =
+    0..S-1) and the store is saved there (`cached_store`: locked, written completely before it
+    is used, a bad copy rebuilt).
+
+    Args:
+      dataset: the cache name of the data set, including whatever identifies its content (a
+        file digest, ``qm9-first<limit>``).
+      read: returns the S structures and name -> S raw target values; called only to build.
+      settings: the graph builder's settings (e.g. `neighbors.FeaturizerSettings`).
+      ring: add per-atom [in ring, aromatic] flags.
+      cache_dir: cache root (None = `default_cache_dir()`).
+      num_workers: featurisation processes (None = all cores).
+      describe: names structure ``k`` in a `FeaturizationError` (default "structure k").
+
+    Raises:
+      FeaturizationError: naming the first structure whose graph could not be built.
+    """
+    path = cache_path(cache_dir, dataset, settings, ring)
+
+    def build() -> GraphStore:
+        structures, targets = read()
+        try:
+            return build_store(structures, settings, targets=targets, ring=ring, num_workers=num_workers)
+        except FeaturizationError as err:
+            if describe is None:
+                raise
+            raise FeaturizationError(err.position, err.kind, err.reason, where=describe(err.position)) from err
+
+    return cached_store(path / "graphs", build, metadata=cache_metadata(dataset, settings, ring), invalidate=path)

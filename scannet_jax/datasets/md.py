@@ -1,7 +1,7 @@
 """MD and structure-file data sets as a featurised `GraphStore` plus group-aware splits.
 
 `load_structure_files` turns what the `xyz` readers return into the same ``(store, splits)``
-that `qm9_tfds.load_qm9` returns, cached on disk the same way (`featurize.cached_store`). Frames of
+that `qm9.load` returns, featurised and cached on disk the same way (`featurize.featurized_store`). Frames of
 one MD trajectory are strongly correlated, so the splits never cut a group apart: every
 structure belongs to a group (its file = trajectory, or its temperature) and whole groups go to
 train, validation or test. Random-frame splits would put near-copies of test frames into the
@@ -146,21 +146,10 @@ def load_structure_files(
     data = xyz.read_files(paths, reader)
     splits = split_by_group(group_labels(data.sources, group_by), seed)
     keyed = f"{name}-{_files_digest(paths)}{'-mol' if molecules else ''}"
-    path = featurize.cache_path(cache_dir, keyed, settings, ring)
-
-    def build() -> GraphStore:
-        try:
-            return featurize.build_store([s.as_molecule() if molecules else s for s in data.structures],
-                                         settings, targets=data.targets, ring=ring,
-                                         num_workers=num_workers)
-        except featurize.FeaturizationError as err:
-            file, frame = data.sources[err.position]
-            raise featurize.FeaturizationError(err.position, err.kind, err.reason,
-                                               where=f"{file}: frame {frame} (0-based)") from err
-
-    store = featurize.cached_store(path / "graphs", build,
-                                   metadata=featurize.cache_metadata(keyed, settings, ring),
-                                   invalidate=path)
+    store = featurize.featurized_store(
+        keyed, lambda: ([s.as_molecule() if molecules else s for s in data.structures], data.targets),
+        settings, ring=ring, cache_dir=cache_dir, num_workers=num_workers,
+        describe=lambda k: f"{data.sources[k][0]}: frame {data.sources[k][1]} (0-based)")
     return store, splits
 
 

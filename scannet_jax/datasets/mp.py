@@ -4,7 +4,8 @@
 ``material_id`` and the targets in the frame's info) and ``<set>_split.json`` (the seeded
 80/10/10 split as material_ids, and the sha256 of the extxyz file); see data/README.md and
 docs/mp_data.md. `read` returns the structures with their stored split as index arrays, so every
-model trains and is tested on the same crystals.
+model trains and is tested on the same crystals; `load` featurises them into the cached
+`GraphStore` (`featurize.featurized_store`).
 
 | name | set | target (info key) | units | crystals |
 |---|---|---|---|---|
@@ -23,11 +24,15 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import ase
 import ase.io
 import numpy as np
+
+from scannet_jax.datasets import featurize
+from scannet_jax.graphs import GraphStore
+from scannet_jax.structures import from_atoms
 
 SPLITS = ("train", "validation", "test")
 MIN_VOLUME = 1e-3  # Å³, as in data/convert_matminer.py
@@ -142,3 +147,49 @@ def read(name: str, path: str | Path | None = None) -> tuple[list[ase.Atoms], di
         raise ValueError(f"{split_file}: the splits hold {assigned} entries ({len(covered)} distinct) "
                          f"for {len(structures)} structures in {data}")
     return structures, splits
+
+
+def load(
+    name: str,
+    settings: Any,
+    *,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    ring: bool = False,
+    num_workers: int | None = None,
+) -> tuple[GraphStore, dict[str, np.ndarray]]:
+    """A converted set (`read`) featurised into the cached `GraphStore`, with its stored split.
+
+    The cache name holds a digest of every crystal's numbers, positions and cell and of the
+    target values, so a re-converted set is featurised again.
+
+    Args:
+      name: a key of `DATASETS`.
+      settings: the graph builder's settings (`neighbors.FeaturizerSettings`).
+      data_dir: as ``path`` of `read`.
+      cache_dir: cache root (None = `featurize.default_cache_dir()`).
+      ring: add per-atom [in ring, aromatic] flags.
+      num_workers: featurisation processes (None = all cores).
+
+    Returns:
+      (store, splits): the crystals in file order (target ``DATASETS[name].target`` in its
+      units) and the stored split, as `read` returns it.
+
+    Raises:
+      ValueError: what `read` raises.
+      featurize.FeaturizationError: naming the crystal whose graph could not be built.
+    """
+    atoms, splits = read(name, data_dir)
+    target = DATASETS[name].target
+    crystals = [from_atoms(a) for a in atoms]
+    values = np.array([a.info[target] for a in atoms], np.float64)
+    digest = hashlib.sha256()
+    for c in crystals:
+        for array in (c.numbers, c.positions, c.cell):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(values.tobytes())
+    store = featurize.featurized_store(
+        f"mp_{name}-{digest.hexdigest()[:12]}", lambda: (crystals, {target: values}), settings, ring=ring,
+        cache_dir=cache_dir, num_workers=num_workers,
+        describe=lambda k: f"{name} crystal {k} ({atoms[k].info['material_id']})")
+    return store, splits

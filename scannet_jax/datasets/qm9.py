@@ -1,5 +1,6 @@
-"""QM9 from the `qm9pack` package: the CSV reader and the reference split (featurised and
-cached by `qm9_tfds.load_qm9`).
+"""QM9 from the `qm9pack` package: the CSV reader, the reference split and `load`, which
+featurises the molecules into the cached `GraphStore` like every other data set
+(`featurize.featurized_store`).
 
 The three CSV parts installed with `qm9pack` hold the 130,831 characterised QM9 molecules
 (B3LYP/6-31G(2df,p); the 3,054 uncharacterised ones are already removed), coordinates in Å.
@@ -13,13 +14,16 @@ from __future__ import annotations
 import csv
 import importlib.resources
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from scannet_jax.graphs import Domain
+from scannet_jax.datasets import featurize
+from scannet_jax.graphs import Domain, GraphStore
 from scannet_jax.structures import Structure, molecule
 
 HARTREE_TO_EV = 27.211386
@@ -195,3 +199,42 @@ def split_indices(n_atoms: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         n_train, n_val = int(0.8 * n), int(0.1 * n)
     return {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
             "test": order[n_train + n_val:]}
+
+
+def load(
+    settings: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    ring: bool = False,
+    num_workers: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> tuple[GraphStore, dict[str, np.ndarray]]:
+    """Featurised QM9 as a `GraphStore` plus the reference split, cached on disk.
+
+    The first call reads the CSVs (`read_qm9`) and featurises every molecule in parallel
+    straight into the keyed store (`featurize.featurized_store`, cache name ``qm9`` or
+    ``qm9-first<limit>``); later calls load that store (verified by its manifest) without
+    reading the CSVs. A damaged, half-written or mismatched cache is rebuilt with a warning.
+
+    Args:
+      settings: the graph builder's settings (`neighbors.FeaturizerSettings`).
+      cache_dir: cache root (None = `featurize.default_cache_dir()`).
+      ring: add per-atom [in ring, aromatic] flags (`featurize.ring_aromatic_flags`).
+      num_workers: featurisation processes (None = all cores).
+      limit: use only the first `limit` molecules of the dataset order (tests, smoke runs).
+      seed: split seed.
+
+    Returns:
+      (store, splits): `store` holds the molecules in dataset order (`store.index` = position
+      in the dataset order, targets as in `TARGET_COLUMNS`); `splits` as in `split_indices`.
+    """
+
+    def read() -> tuple[list[Structure], dict[str, np.ndarray]]:
+        molecules = read_qm9(limit)
+        return list(molecules.structures()), molecules.targets
+
+    name = "qm9" if limit is None else f"qm9-first{limit}"
+    store = featurize.featurized_store(name, read, settings, ring=ring, cache_dir=cache_dir,
+                                       num_workers=num_workers)
+    return store, split_indices(store.n_node, seed)
