@@ -4,10 +4,16 @@ evaluation and benchmarks (NumPy; only `graph_masks` runs under jit).
 `BatchPlan` cuts a split (positions in a store) into global batches, one padded chunk per
 device, in a deterministic, resumable order; `device_batches` pads them ahead in a background
 thread and places them on the mesh. Every batch is padded to one of a few `Bucket` shapes so
-that a jitted step compiles once per bucket. The layout is jraph's `pad_with_graphs`: the real graphs, then one graph holding every
-padding node and edge (padding edges point at the first padding node, padding Z = 0), then empty
-graphs. Batches are gathered from the CSR arrays with vectorised index arithmetic (no per-graph
-Python loop), so a CPU thread prepares several hundred batches of 128 QM9 molecules per second.
+that a jitted step compiles once per bucket. The layout is jraph's `pad_with_graphs`: the real
+graphs, then one graph holding every padding node and edge (padding edges point at the first
+padding node, padding Z = 0), then empty graphs. Batches are gathered from the CSR arrays with
+vectorised index arithmetic (no per-graph Python loop), so a CPU thread prepares thousands of
+batches of 128 QM9 molecules per second.
+
+A store with extra sets (`graphs.ExtraSet`, e.g. ALIGNN's triplets) gives a `Batch`: the same
+GraphsTuple plus each set padded to its own bucket size, index fields made batch-global, padding
+rows in the padding graph pointing at the first padding row of the set they index (so segment
+ops over them stay in range). A store without extra sets gives the plain GraphsTuple as before.
 """
 
 from __future__ import annotations
@@ -20,21 +26,70 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
 import jax
+import jax.numpy as jnp
 import jraph
 import numpy as np
 
 from scannet_jax import parallel
-from scannet_jax.graphs import GraphStore, concat_ranges
+from scannet_jax.graphs import BUILTIN_SETS, GraphStore, concat_ranges
 
 T = TypeVar("T")
 
 
 class Bucket(NamedTuple):
-    """Padded sizes of one batch shape (totals over the batch, padding graph included)."""
+    """Padded sizes of one batch shape (totals over the batch, padding graph included).
+
+    ``extras`` holds (name, rows) of every extra set of the store, sorted by name; () for a store
+    without extra sets.
+    """
 
     n_node: int
     n_edge: int
     n_graph: int
+    extras: tuple[tuple[str, int], ...] = ()
+
+    def size(self, name: str) -> int:
+        """Padded rows of set ``name``: "nodes", "edges" or an extra set.
+
+        Raises:
+          ValueError: if the bucket has no size for that set.
+        """
+        if name in BUILTIN_SETS:
+            return self.n_node if name == "nodes" else self.n_edge
+        for extra, rows in self.extras:
+            if extra == name:
+                return rows
+        raise ValueError(f"{self} has no size for the extra set {name!r}")
+
+
+class ExtraBatch(NamedTuple):
+    """One extra set of a padded batch: R rows, R its size in the batch's `Bucket`."""
+
+    fields: dict[str, np.ndarray]  # name -> [R, ...]; index fields int32 batch-global, features as stored
+    n_row: np.ndarray  # int32 [G], rows of each graph (the padding graph holds every padding row)
+
+
+class Batch(NamedTuple):
+    """A padded batch of a store with extra sets (`pad_batch`); a Flax module reads
+    ``batch.graphs`` as any GraphsTuple and ``batch.extras[name].fields[field]``."""
+
+    graphs: jraph.GraphsTuple
+    extras: dict[str, ExtraBatch]
+
+
+def padding_rows(store: GraphStore) -> dict[str, int]:
+    """Padding rows every batch of ``store`` needs per set ("nodes", "edges", each extra set): the
+    one padding node of jraph's layout, and one row in every set that an index field refers to
+    (its padding entries point there). Without extra sets: one node, no edge, as before them."""
+    if not store.extras:
+        return {"nodes": 1, "edges": 0}
+    referred = {target for extra in store.extras.values() for target in extra.refers.values()}
+    return {"nodes": 1, "edges": int("edges" in referred), **{name: int(name in referred) for name in store.extras}}
+
+
+def _sets(store: GraphStore) -> tuple[str, ...]:
+    """Names of the store's sets in bucket order: nodes, edges, then the extra sets by name."""
+    return (*BUILTIN_SETS, *sorted(store.extras))
 
 
 def _round_up(x: np.ndarray | int, multiple: int) -> np.ndarray:
@@ -44,28 +99,34 @@ def _round_up(x: np.ndarray | int, multiple: int) -> np.ndarray:
 def worst_case_bucket(store: GraphStore, indices: np.ndarray, batch_size: int, round_to: int = 64) -> Bucket:
     """The smallest bucket (up to rounding) that fits ANY batch of `batch_size` of `indices`.
 
-    It holds the `batch_size` largest structures by atoms (plus the one padding node that
-    `pad_with_graphs` needs) and, separately, the `batch_size` largest by edges.
+    Each set (atoms, edges, every extra set) gets, separately, the rows of the `batch_size`
+    structures largest in it plus its `padding_rows` (one node for `pad_with_graphs`), so no
+    batch of at most `batch_size` structures can overflow any of them.
     """
     k = min(batch_size, len(indices))
-    n_node = np.sort(store.n_node[indices])[::-1][:k].sum() + 1
-    n_edge = np.sort(store.n_edge[indices])[::-1][:k].sum()
-    return Bucket(int(_round_up(n_node, round_to)), int(_round_up(max(n_edge, 1), round_to)), batch_size + 1)
+    pad = padding_rows(store)
+    size = {name: int(_round_up(max(np.sort(store.counts(name)[indices])[::-1][:k].sum() + pad[name], 1), round_to))
+            for name in _sets(store)}
+    return Bucket(size["nodes"], size["edges"], batch_size + 1, tuple((n, size[n]) for n in sorted(store.extras)))
 
 
-def _sample_batch_totals(
-    n_node: np.ndarray, n_edge: np.ndarray, batch_size: int, num_batches: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Node and edge totals of `num_batches` full batches from shuffled epochs. [M] int64 each."""
+def _sample_batch_totals(counts: np.ndarray, batch_size: int, num_batches: int, seed: int) -> np.ndarray:
+    """Totals of `num_batches` full batches from shuffled epochs.
+
+    Args:
+      counts: int [L, S], rows per structure of L sets.
+
+    Returns:
+      int64 [L, num_batches].
+    """
     rng = np.random.default_rng(seed)
-    per_epoch = len(n_node) // batch_size
+    per_epoch = counts.shape[1] // batch_size
     epochs = -(-num_batches // per_epoch)
-    nodes, edges = [], []
+    totals = []
     for _ in range(epochs):
-        order = rng.permutation(len(n_node))[: per_epoch * batch_size]
-        nodes.append(n_node[order].reshape(per_epoch, batch_size).sum(1))
-        edges.append(n_edge[order].reshape(per_epoch, batch_size).sum(1))
-    return np.concatenate(nodes)[:num_batches], np.concatenate(edges)[:num_batches]
+        order = rng.permutation(counts.shape[1])[: per_epoch * batch_size]
+        totals.append(counts[:, order].reshape(len(counts), per_epoch, batch_size).sum(2))
+    return np.concatenate(totals, axis=1)[:, :num_batches]
 
 
 def _best_thresholds(sorted_edges: np.ndarray, num: int, grid: int = 200) -> list[int]:
@@ -108,11 +169,12 @@ def choose_buckets(
 ) -> list[Bucket]:
     """Chooses at most `max_buckets` batch shapes from the data set's size distribution.
 
-    The node/edge totals of many simulated shuffled batches are computed; `max_buckets - 1`
-    edge thresholds (the last one = the largest simulated total) are placed to minimise the
-    expected number of padded edges, and each such bucket gets the largest node total seen among
-    the batches it would take. The last bucket is `worst_case_bucket`: it fits any batch of
-    `batch_size` structures of `indices` and is used only by a batch that fits no other.
+    The totals of many simulated shuffled batches are computed; `max_buckets - 1` edge thresholds
+    (the last one = the largest simulated total) are placed to minimise the expected number of
+    padded edges, and each such bucket gets the largest node total (and extra-set total) seen
+    among the batches it would take, plus `padding_rows`. The last bucket is `worst_case_bucket`:
+    it fits any batch of `batch_size` structures of `indices` and is used only by a batch that
+    fits no other.
 
     Args:
       store: the data set.
@@ -135,31 +197,57 @@ def choose_buckets(
     worst = worst_case_bucket(store, indices, batch_size, round_to)
     if max_buckets == 1 or len(indices) < batch_size:
         return [worst]
-    nodes, edges = _sample_batch_totals(store.n_node[indices], store.n_edge[indices], batch_size,
-                                        num_sample_batches, seed)
-    order = np.argsort(edges, kind="stable")
-    nodes, edges = nodes[order], edges[order]
+    sets, pad = _sets(store), padding_rows(store)
+    totals = _sample_batch_totals(np.stack([store.counts(name)[indices] for name in sets]), batch_size,
+                                  num_sample_batches, seed)
+    totals = totals[:, np.argsort(totals[1], kind="stable")]  # by edge total
     buckets = []
-    for t in _best_thresholds(edges, max_buckets - 1):
-        taken = edges <= t
-        bucket = Bucket(int(_round_up(nodes[taken].max() + 1, round_to)), int(_round_up(t, round_to)),
-                        batch_size + 1)
+    for t in _best_thresholds(totals[1], max_buckets - 1):
+        taken = totals[1] <= t
+        size = {name: int(_round_up(max(totals[i][taken].max() + pad[name], 1), round_to))
+                for i, name in enumerate(sets) if name != "edges"}
+        bucket = Bucket(size["nodes"], int(_round_up(t + pad["edges"], round_to)), batch_size + 1,
+                        tuple((n, size[n]) for n in sets[2:]))
         if bucket.n_node < worst.n_node and bucket.n_edge < worst.n_edge and bucket not in buckets:
             buckets.append(bucket)
     return buckets + [worst]
 
 
-def select_bucket(n_node: int, n_edge: int, n_graph: int, buckets: Sequence[Bucket]) -> Bucket:
+def _fits(bucket: Bucket, totals: dict[str, int], n_graph: int, padding: dict[str, int]) -> bool:
+    """Whether a batch of ``n_graph`` graphs with real rows ``totals`` per set fits ``bucket``
+    (with ``padding`` rows per set, and one padding graph)."""
+    if (n_graph + 1 > bucket.n_graph or totals["nodes"] + padding["nodes"] > bucket.n_node
+            or totals["edges"] + padding["edges"] > bucket.n_edge):
+        return False
+    return all(rows + padding[name] <= bucket.size(name) for name, rows in totals.items() if name not in BUILTIN_SETS)
+
+
+def _totals(store: GraphStore, indices: np.ndarray) -> dict[str, int]:
+    """Real rows of structures ``indices`` in every set of ``store``."""
+    return {name: int(store.counts(name)[indices].sum()) for name in _sets(store)}
+
+
+def select_bucket(n_node: int, n_edge: int, n_graph: int, buckets: Sequence[Bucket],
+                  extras: dict[str, int] | None = None, padding: dict[str, int] | None = None) -> Bucket:
     """The first bucket (in the given order, smallest first) that fits these real totals.
+
+    Args:
+      n_node, n_edge, n_graph: real atoms, edges and graphs of the batch.
+      buckets: candidates.
+      extras: real rows of each extra set of the batch.
+      padding: padding rows needed per set (`padding_rows` of the store); by default one node and
+        none of any other set.
 
     Raises:
       ValueError: if no bucket fits.
     """
+    totals = {"nodes": n_node, "edges": n_edge, **(extras or {})}
+    padding = {"nodes": 1, "edges": 0, **dict.fromkeys(extras or {}, 0), **(padding or {})}
     for bucket in buckets:
-        if n_node + 1 <= bucket.n_node and n_edge <= bucket.n_edge and n_graph + 1 <= bucket.n_graph:
+        if _fits(bucket, totals, n_graph, padding):
             return bucket
-    raise ValueError(f"no bucket fits a batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges; "
-                     f"largest is {buckets[-1] if buckets else None}")
+    raise ValueError(f"no bucket fits a batch of {n_graph} graphs, {n_node} nodes, {n_edge} edges"
+                     f"{'' if not extras else f', extra rows {extras}'}; largest is {buckets[-1] if buckets else None}")
 
 
 def _gather(values: np.ndarray, src: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
@@ -181,14 +269,14 @@ def _gather(values: np.ndarray, src: np.ndarray, size: int, fill: float = 0) -> 
 
 
 def _shifted(local: np.ndarray, src: np.ndarray, shift: np.ndarray, size: int, fill: int) -> np.ndarray:
-    """Batch-global node indices ``local[src] + shift`` as int32 [size], padded with ``fill``.
+    """Batch-global indices ``local[src] + shift`` as int32 [size], padded with ``fill``.
 
     Args:
-      local: int [E] node indices local to each structure (senders or receivers of a store).
-      src: int [M] edges to take.
-      shift: int32 [M] first batch node of each taken edge's graph.
+      local: int [R] indices local to each structure (e.g. a store's senders, into its atoms).
+      src: int [M] rows to take.
+      shift: int32 [M] first batch row, in the set indexed, of each taken row's graph.
       size: rows of the result.
-      fill: index of the padding rows (the first padding node).
+      fill: index of the padding rows (the first padding row of the set indexed).
     """
     out = np.empty(size, np.int32)
     np.add(local[src], shift, out=out[:len(src)])
@@ -196,9 +284,23 @@ def _shifted(local: np.ndarray, src: np.ndarray, shift: np.ndarray, size: int, f
     return out
 
 
+def _per_graph(counts: np.ndarray, padding: int, n_graph: int) -> np.ndarray:
+    """int32 [n_graph]: ``counts`` of the real graphs, ``padding`` rows in the padding graph, then
+    zeros (jraph's `pad_with_graphs` layout)."""
+    out = np.zeros(n_graph, np.int32)
+    out[:len(counts)] = counts
+    out[len(counts)] = padding
+    return out
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """int32 [B], first batch row of each graph (exclusive cumulative sum of ``counts``)."""
+    return (np.cumsum(counts) - counts).astype(np.int32)
+
+
 def pad_batch(
     store: GraphStore, indices: Sequence[int] | np.ndarray, bucket: Bucket, target_name: str | None
-) -> jraph.GraphsTuple:
+) -> jraph.GraphsTuple | Batch:
     """Gathers structures `indices` of `store` into one padded GraphsTuple of shape `bucket`.
 
     Args:
@@ -214,7 +316,10 @@ def pad_batch(
       "relative_weights"} float32 [n_edge], senders/receivers int32 [n_edge] (batch-global
       node indices; padding edges point at the first padding node), n_node/n_edge int32
       [n_graph], globals {"target" float32 [n_graph] (0 on padding), "index" int32 [n_graph]
-      (store.index; -1 on padding)}.
+      (store.index; -1 on padding)}. If the store has extra sets, a `Batch` of that GraphsTuple
+      and, per set, an `ExtraBatch` of ``bucket.size(name)`` rows: features as stored (0 on
+      padding rows), index fields int32 batch-global (padding rows point at the first padding
+      row of the set they refer to), ``n_row`` int32 [n_graph] laid out like ``n_edge``.
 
     Raises:
       ValueError: if the structures do not fit the bucket.
@@ -222,9 +327,14 @@ def pad_batch(
     indices = np.asarray(indices, np.int64)
     n_node, n_edge = store.n_node[indices], store.n_edge[indices]
     num_graphs, num_nodes, num_edges = len(indices), int(n_node.sum()), int(n_edge.sum())
-    if num_nodes + 1 > bucket.n_node or num_edges > bucket.n_edge or num_graphs + 1 > bucket.n_graph:
-        raise ValueError(f"batch of {num_graphs} graphs, {num_nodes} nodes, {num_edges} edges does not "
-                         f"fit {bucket} (one padding node and one padding graph are needed)")
+    counts = {"nodes": n_node, "edges": n_edge, **{name: x.counts[indices] for name, x in store.extras.items()}}
+    totals = {"nodes": num_nodes, "edges": num_edges, **{name: int(counts[name].sum()) for name in store.extras}}
+    if not _fits(bucket, totals, num_graphs, padding_rows(store)):
+        extra = {name: totals[name] for name in store.extras}
+        needs = ", and a padding row in every set that an index field refers to" if extra else ""
+        raise ValueError(f"batch of {num_graphs} graphs, {num_nodes} nodes, {num_edges} edges"
+                         f"{f', extra rows {extra}' if extra else ''} does not fit {bucket} (one padding node "
+                         f"and one padding graph are needed{needs})")
     node_src = concat_ranges(store.node_ptr[indices], n_node)
     edge_src = concat_ranges(store.edge_ptr[indices], n_edge)
     nodes = {"atomic_numbers": _gather(store.atomic_numbers, node_src, bucket.n_node)}
@@ -232,23 +342,33 @@ def pad_batch(
         nodes["ring_aromatic"] = _gather(store.ring_aromatic, node_src, bucket.n_node)
     edges = {name: _gather(getattr(store, name), edge_src, bucket.n_edge)
              for name in ("distances", "solid_angles", "relative_weights")}
-    node_offset = (np.cumsum(n_node) - n_node).astype(np.int32)  # first batch node of each graph
-    edge_shift = np.repeat(node_offset, n_edge)  # int32 [num_edges]
+    edge_shift = np.repeat(_offsets(n_node), n_edge)  # int32 [num_edges], first batch node of each edge's graph
     senders = _shifted(store.senders, edge_src, edge_shift, bucket.n_edge, num_nodes)
     receivers = _shifted(store.receivers, edge_src, edge_shift, bucket.n_edge, num_nodes)
-    graph_n_node = np.zeros(bucket.n_graph, np.int32)
-    graph_n_node[:num_graphs] = n_node
-    graph_n_node[num_graphs] = bucket.n_node - num_nodes
-    graph_n_edge = np.zeros(bucket.n_graph, np.int32)
-    graph_n_edge[:num_graphs] = n_edge
-    graph_n_edge[num_graphs] = bucket.n_edge - num_edges
     target = np.zeros(bucket.n_graph, np.float32)
     target[:num_graphs] = np.nan if target_name is None else store.targets[target_name][indices]
     index = np.full(bucket.n_graph, -1, np.int32)
     index[:num_graphs] = store.index[indices]
-    return jraph.GraphsTuple(nodes=nodes, edges=edges, senders=senders, receivers=receivers,
-                             n_node=graph_n_node, n_edge=graph_n_edge,
-                             globals={"target": target, "index": index})
+    graphs = jraph.GraphsTuple(nodes=nodes, edges=edges, senders=senders, receivers=receivers,
+                               n_node=_per_graph(n_node, bucket.n_node - num_nodes, bucket.n_graph),
+                               n_edge=_per_graph(n_edge, bucket.n_edge - num_edges, bucket.n_graph),
+                               globals={"target": target, "index": index})
+    if not store.extras:
+        return graphs
+    extras = {}
+    for name, extra in store.extras.items():
+        size, rows = bucket.size(name), counts[name]
+        src = concat_ranges(extra.ptr[indices], rows)
+        fields = {}
+        for field, values in extra.fields.items():
+            target_set = extra.refers.get(field)
+            if target_set is None:
+                fields[field] = _gather(values, src, size)
+            else:  # local index -> batch index: offset by the first row of its graph in the target set
+                shift = np.repeat(_offsets(counts[target_set]), rows)
+                fields[field] = _shifted(values, src, shift, size, totals[target_set])
+        extras[name] = ExtraBatch(fields, _per_graph(rows, size - totals[name], bucket.n_graph))
+    return Batch(graphs, extras)
 
 
 def graph_masks(graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -258,6 +378,13 @@ def graph_masks(graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Ar
     """
     return (jraph.get_node_padding_mask(graphs), jraph.get_edge_padding_mask(graphs),
             jraph.get_graph_padding_mask(graphs))
+
+
+def extra_masks(batch: Batch) -> dict[str, jax.Array]:
+    """Masks of the real rows [R] of every extra set of a `pad_batch` batch (bool; jit-safe)."""
+    graph_mask = jraph.get_graph_padding_mask(batch.graphs)
+    return {name: jnp.repeat(graph_mask, extra.n_row, total_repeat_length=next(iter(extra.fields.values())).shape[0])
+            for name, extra in batch.extras.items()}
 
 
 def unpad_graph(graphs: jraph.GraphsTuple, k: int) -> jraph.GraphsTuple:
@@ -328,13 +455,17 @@ class BatchPlan:
 
     def bucket_for(self, chunks: list[np.ndarray]) -> Bucket:
         """Smallest bucket that holds every chunk of the global batch."""
-        n_node, n_edge = self.store.n_node, self.store.n_edge
-        return max((select_bucket(int(n_node[c].sum()), int(n_edge[c].sum()), len(c), self.buckets)
-                    for c in chunks), key=self.buckets.index)
+        padding = padding_rows(self.store)
 
-    def batch(self, indices: np.ndarray) -> jraph.GraphsTuple:
+        def first_fit(chunk: np.ndarray) -> Bucket:
+            totals = _totals(self.store, chunk)
+            return select_bucket(totals.pop("nodes"), totals.pop("edges"), len(chunk), self.buckets, totals, padding)
+
+        return max((first_fit(c) for c in chunks), key=self.buckets.index)
+
+    def batch(self, indices: np.ndarray) -> jraph.GraphsTuple | Batch:
         """This process's padded chunks of one global batch (store positions), stacked: every
-        leaf [L, ...] for L local devices."""
+        leaf [L, ...] for L local devices (a `Batch` if the store has extra sets)."""
         chunks = self.chunks(indices)
         bucket = self.bucket_for(chunks)
         padded = [pad_batch(self.store, chunks[d], bucket, self.target) for d in self.local_devices]
@@ -342,7 +473,7 @@ class BatchPlan:
             return jax.tree.map(lambda x: x[None], padded[0])
         return jax.tree.map(lambda *xs: np.stack(xs), *padded)
 
-    def batches(self, seed: int | None, epoch: int, start: int = 0) -> Iterator[jraph.GraphsTuple]:
+    def batches(self, seed: int | None, epoch: int, start: int = 0) -> Iterator[jraph.GraphsTuple | Batch]:
         """Batches of ``epoch`` from batch number ``start`` on (resuming mid-epoch yields exactly
         the tail of the uninterrupted sequence)."""
         order = self.order(seed, epoch)
@@ -350,15 +481,21 @@ class BatchPlan:
             yield self.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
     def padding_efficiency(self, seed: int | None = 0, epoch: int = 0) -> dict[str, float]:
-        """Fraction of the padded node / edge / graph slots holding real data over one epoch."""
-        real, padded = np.zeros(3), np.zeros(3)
+        """Fraction of the padded node / edge / graph (and extra-set row) slots holding real data
+        over one epoch."""
+        sets = _sets(self.store)
+        keys = (*sets[:2], "graphs", *sets[2:])
+        real, padded = dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)
         order = self.order(seed, epoch)
         for b in range(self.num_batches()):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             bucket = self.bucket_for(self.chunks(batch))
-            real += [self.store.n_node[batch].sum(), self.store.n_edge[batch].sum(), len(batch)]
-            padded += np.array(bucket) * self.num_devices
-        return dict(zip(("nodes", "edges", "graphs"), (real / padded).tolist()))
+            for name, rows in _totals(self.store, batch).items():
+                real[name] += rows
+                padded[name] += bucket.size(name) * self.num_devices
+            real["graphs"] += len(batch)
+            padded["graphs"] += bucket.n_graph * self.num_devices
+        return {name: real[name] / padded[name] for name in real}
 
 
 def make_plan(store: GraphStore, indices: np.ndarray, target: str | None, batch_size: int, num_buckets: int,

@@ -10,6 +10,12 @@ On disk a store is a directory of `.npy` files plus `manifest.json` (format vers
 byte sizes and CRC-32 checksums, caller metadata). The manifest is written last and the
 directory is moved into place with one rename, so a directory with a valid manifest is complete;
 `load` re-checks sizes and checksums and raises `CorruptStoreError` on any mismatch.
+
+Beyond atoms and edges a store may hold named *extra sets* (`ExtraSet`: e.g. ALIGNN's bond-angle
+triplets, a motif graph's motifs and motif edges), also CSR over the structures; `batching.pad_batch`
+pads each to its own bucket size. On disk they are files ``extra.<set>.ptr.npy`` and
+``extra.<set>.<field>.npy`` under the same manifest (which records each set's index fields), so a
+store without extra sets is written exactly as before and older stores load unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ STORE_FORMAT_VERSION = 1
 
 _MANIFEST = "manifest.json"
 _EDGE_FIELDS = ("senders", "receivers", "distances", "solid_angles", "relative_weights")
+BUILTIN_SETS = ("nodes", "edges")  # what an extra set's index field may refer to, besides other extra sets
 
 
 class NeighborsLike(Protocol):
@@ -108,6 +115,62 @@ def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, counts) + np.arange(total, dtype=np.int64)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExtraSet:
+    """A named set of rows beyond atoms and edges, CSR over the S structures of a store (T rows).
+
+    Structure s owns rows ``ptr[s]:ptr[s+1]`` of every field. An *index field* holds indices
+    local to its structure (0-based, like `GraphStore.senders`) into the rows of another set,
+    ``refers[field]``: "nodes", "edges" or the name of an extra set of the same store;
+    `batching.pad_batch` offsets them to batch-global indices. Every other field is a feature,
+    batched as stored. ALIGNN's triplets, for example, are ``fields={"senders": k1, "receivers":
+    k2, "cosines": cos θ}`` with ``refers={"senders": "edges", "receivers": "edges"}``.
+
+    Attributes:
+      ptr: int64 [S+1], row offsets.
+      fields: name -> [T, ...] array (at least one); index fields int32 [T].
+      refers: index field -> the set it indexes.
+    """
+
+    ptr: np.ndarray
+    fields: Mapping[str, np.ndarray]
+    refers: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        if self.ptr.ndim != 1 or self.ptr.shape[0] < 1:
+            raise ValueError(f"ptr must be 1-D with S+1 >= 1 entries, got shape {self.ptr.shape}")
+        if not self.fields:
+            raise ValueError("an extra set needs at least one field")
+        for name, values in self.fields.items():
+            if not name.isidentifier() or name == "ptr":
+                raise ValueError(f"field name {name!r} must be a Python identifier other than 'ptr'")
+            if values.ndim < 1 or values.shape[0] != self.ptr[-1]:
+                raise ValueError(f"field {name!r} has shape {values.shape}, ptr ends at {self.ptr[-1]}")
+        for name in self.refers:
+            if name not in self.fields:
+                raise ValueError(f"index field {name!r} is not among the fields {sorted(self.fields)}")
+            if self.fields[name].shape[1:] or not np.issubdtype(self.fields[name].dtype, np.integer):
+                raise ValueError(f"index field {name!r} must be a 1-D integer array, got "
+                                 f"{self.fields[name].shape} {self.fields[name].dtype}")
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """int64 [S], rows per structure."""
+        return np.diff(self.ptr)
+
+    def take(self, indices: np.ndarray) -> ExtraSet:
+        """The rows of structures `indices` (positions), in that order, as a new set."""
+        counts = self.counts[indices]
+        rows = concat_ranges(self.ptr[indices], counts)
+        return ExtraSet(_ptr(counts), {k: v[rows] for k, v in self.fields.items()}, dict(self.refers))
+
+    def same_kind(self, other: ExtraSet) -> bool:
+        """Same fields (names, dtypes, trailing shapes) and the same index fields."""
+        return (dict(self.refers) == dict(other.refers) and self.fields.keys() == other.fields.keys()
+                and all(v.dtype == other.fields[k].dtype and v.shape[1:] == other.fields[k].shape[1:]
+                        for k, v in self.fields.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """What a model was trained on, hence where it may be applied (``domain.json`` of a workdir).
@@ -155,6 +218,8 @@ class GraphStore:
       index: int64 [S], index of each structure in its data set (kept by `subset`).
       targets: name -> float64 [S] raw target values (NaN allowed).
       ring_aromatic: optional float32 [A, 2], [in ring, aromatic].
+      extras: name -> `ExtraSet`, optional sets beyond atoms and edges (`with_extra`). A name is a
+        Python identifier other than "nodes" and "edges".
     """
 
     atomic_numbers: np.ndarray
@@ -168,6 +233,7 @@ class GraphStore:
     index: np.ndarray
     targets: Mapping[str, np.ndarray]
     ring_aromatic: np.ndarray | None = None
+    extras: Mapping[str, ExtraSet] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.index.shape[0]
@@ -185,6 +251,15 @@ class GraphStore:
                 raise ValueError(f"target {name!r} has shape {values.shape}, expected ({s},)")
         if self.ring_aromatic is not None and self.ring_aromatic.shape != (self.atomic_numbers.shape[0], 2):
             raise ValueError(f"ring_aromatic has shape {self.ring_aromatic.shape}")
+        for name, extra in self.extras.items():
+            if not name.isidentifier() or name in BUILTIN_SETS:
+                raise ValueError(f"extra set name {name!r} must be a Python identifier other than {BUILTIN_SETS}")
+            if extra.ptr.shape != (s + 1,):
+                raise ValueError(f"extra set {name!r}: ptr has shape {extra.ptr.shape}, expected ({s + 1},)")
+            for field, target in extra.refers.items():
+                if target not in BUILTIN_SETS and target not in self.extras:
+                    raise ValueError(f"extra set {name!r}: index field {field!r} refers to {target!r}, which "
+                                     f"is neither one of {BUILTIN_SETS} nor an extra set of this store")
 
     @classmethod
     def from_structures(
@@ -242,11 +317,14 @@ class GraphStore:
             raise ValueError("concat needs at least one store")
         names = set(stores[0].targets)
         ring = stores[0].ring_aromatic is not None
+        extras = stores[0].extras
         for k, st in enumerate(stores):
             if set(st.targets) != names:
                 raise ValueError(f"store {k} has targets {sorted(st.targets)}, store 0 has {sorted(names)}")
             if (st.ring_aromatic is not None) != ring:
                 raise ValueError(f"store {k} differs from store 0 in having ring_aromatic")
+            if st.extras.keys() != extras.keys() or not all(st.extras[n].same_kind(x) for n, x in extras.items()):
+                raise ValueError(f"store {k} differs from store 0 in its extra sets or their fields")
         return cls(
             atomic_numbers=np.concatenate([st.atomic_numbers for st in stores]),
             node_ptr=_ptr(np.concatenate([st.n_node for st in stores])),
@@ -255,6 +333,10 @@ class GraphStore:
             index=np.concatenate([st.index for st in stores]),
             targets={k: np.concatenate([st.targets[k] for st in stores]) for k in names},
             ring_aromatic=np.concatenate([st.ring_aromatic for st in stores]) if ring else None,
+            extras={n: ExtraSet(_ptr(np.concatenate([st.extras[n].counts for st in stores])),
+                                {f: np.concatenate([st.extras[n].fields[f] for st in stores]) for f in x.fields},
+                                dict(x.refers))
+                    for n, x in extras.items()},
         )
 
     @property
@@ -290,7 +372,63 @@ class GraphStore:
             index=self.index[indices],
             targets={k: v[indices] for k, v in self.targets.items()},
             ring_aromatic=None if self.ring_aromatic is None else self.ring_aromatic[nodes],
+            extras={name: extra.take(indices) for name, extra in self.extras.items()},
         )
+
+    def counts(self, name: str) -> np.ndarray:
+        """int64 [S], rows per structure of set `name` ("nodes", "edges" or an extra set)."""
+        if name == "nodes":
+            return self.n_node
+        if name == "edges":
+            return self.n_edge
+        return self.extras[name].counts
+
+    def with_extra(self, name: str, parts: Sequence[Mapping[str, np.ndarray]],
+                   refers: Mapping[str, str]) -> GraphStore:
+        """This store with extra set `name` (added or replaced), packed from one part per structure.
+
+        Args:
+          name: the set's name (a Python identifier other than "nodes" and "edges").
+          parts: S dicts with the same keys, field -> [T_s, ...] array (the same T_s for all fields
+            of structure s); index fields hold indices local to the structure.
+          refers: index field -> "nodes", "edges", another extra set of this store, or `name`.
+
+        Returns:
+          A new store sharing every other array; index fields are cast to int32, features keep
+          their dtype (give float32 for model inputs).
+
+        Raises:
+          ValueError: naming the structure and field whose rows disagree in number or whose index
+            lies outside the set it refers to.
+        """
+        if len(parts) != self.num_structures or not parts:
+            raise ValueError(f"extra set {name!r}: {len(parts)} parts for {self.num_structures} structures "
+                             f"(at least one is needed)")
+        keys = parts[0].keys()
+        counts = np.zeros(len(parts), np.int64)
+        for s, part in enumerate(parts):
+            if part.keys() != keys:
+                raise ValueError(f"extra set {name!r}: structure {s} has fields {sorted(part)}, "
+                                 f"structure 0 has {sorted(keys)}")
+            lengths = {len(np.asarray(v)) for v in part.values()}
+            if len(lengths) > 1:
+                raise ValueError(f"extra set {name!r}: structure {s} has fields of different lengths {lengths}")
+            counts[s] = lengths.pop() if lengths else 0
+        fields = {}
+        for key in keys:
+            values = np.concatenate([np.asarray(part[key]) for part in parts])
+            integer = np.issubdtype(values.dtype, np.integer)
+            fields[key] = values.astype(np.int32) if key in refers and integer else values
+        store = dataclasses.replace(self, extras={**self.extras, name: ExtraSet(_ptr(counts), fields, dict(refers))})
+        owner = np.repeat(np.arange(len(parts)), counts)  # structure of each row
+        for key, target in refers.items():
+            limit = store.counts(target)
+            bad = np.flatnonzero((fields[key] < 0) | (fields[key] >= limit[owner]))
+            if bad.size:
+                s = int(owner[bad[0]])
+                raise ValueError(f"extra set {name!r}: structure {s}, row {bad[0] - int(counts[:s].sum())} "
+                                 f"has {key} {fields[key][bad[0]]} outside [0, {limit[s]}) of {target!r}")
+        return store
 
     def graph(self, s: int, target_name: str | None = None) -> jraph.GraphsTuple:
         """Structure `s` as an unpadded single GraphsTuple (globals target NaN if no target_name)."""
@@ -311,13 +449,25 @@ class GraphStore:
             globals={"target": np.array([target], np.float32), "index": np.array([self.index[s]], np.int32)},
         )
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("targets", "ring_aromatic")}
+    def _files(self) -> dict[str, tuple[np.ndarray, str, bool]]:
+        """Every array by file name -> (array, the set whose rows it holds: "structures", "nodes",
+        "edges" or an extra set, whether it is that set's row pointer [S+1])."""
+        files = {"atomic_numbers": (self.atomic_numbers, "nodes", False), "node_ptr": (self.node_ptr, "nodes", True),
+                 "edge_ptr": (self.edge_ptr, "edges", True),
+                 **{f: (getattr(self, f), "edges", False) for f in _EDGE_FIELDS},
+                 "index": (self.index, "structures", False)}
         if self.ring_aromatic is not None:
-            arrays["ring_aromatic"] = self.ring_aromatic
-        arrays.update({f"target.{k}": v for k, v in self.targets.items()})
-        return arrays
+            files["ring_aromatic"] = (self.ring_aromatic, "nodes", False)
+        files.update({f"target.{k}": (v, "structures", False) for k, v in self.targets.items()})
+        for name, extra in self.extras.items():
+            files[f"extra.{name}.ptr"] = (extra.ptr, name, True)
+            files.update({f"extra.{name}.{k}": (v, name, False) for k, v in extra.fields.items()})
+        return files
+
+    def _rows(self) -> dict[str, int]:
+        """Rows of every set: "structures", "nodes", "edges" and each extra set."""
+        return {"structures": self.num_structures, "nodes": int(self.node_ptr[-1]), "edges": int(self.edge_ptr[-1]),
+                **{name: int(extra.ptr[-1]) for name, extra in self.extras.items()}}
 
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
         """Writes the store to directory `path` atomically (replacing an existing one).
@@ -327,8 +477,9 @@ class GraphStore:
           metadata: JSON-serialisable values recorded in the manifest (e.g. featuriser settings),
             checked again by `load(path, expect=...)`.
         """
-        with StoreWriter(path, self, num_structures=self.num_structures, num_atoms=int(self.node_ptr[-1]),
-                         num_edges=int(self.edge_ptr[-1])) as writer:
+        rows = self._rows()
+        with StoreWriter(path, self, num_structures=self.num_structures, num_atoms=rows["nodes"],
+                         num_edges=rows["edges"], num_extra_rows={n: rows[n] for n in self.extras}) as writer:
             writer.append(self)
             writer.close(metadata)
 
@@ -387,8 +538,14 @@ class GraphStore:
             arrays[name] = np.asarray(array)
         targets = {k.split(".", 1)[1]: arrays.pop(k) for k in list(arrays) if k.startswith("target.")}
         try:
-            return cls(**arrays, targets=targets)
-        except (TypeError, ValueError) as err:
+            extras = {}
+            for name, info in manifest.get("extras", {}).items():
+                prefix = f"extra.{name}."
+                ptr = arrays.pop(prefix + "ptr")
+                fields = {k[len(prefix):]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
+                extras[name] = ExtraSet(ptr, fields, info["refers"])
+            return cls(**arrays, targets=targets, extras=extras)
+        except (KeyError, TypeError, ValueError) as err:
             raise CorruptStoreError(f"{path}: inconsistent arrays ({err})") from err
 
 
@@ -403,66 +560,75 @@ class StoreWriter:
 
     Args:
       path: the store's directory.
-      like: a store with the fields, dtypes and target names to write.
+      like: a store with the fields, dtypes, target names and extra sets to write.
       num_structures, num_atoms, num_edges: totals of the whole store.
+      num_extra_rows: extra set name -> its total rows, for every extra set of ``like``.
     """
 
     def __init__(self, path: str | os.PathLike, like: GraphStore, *, num_structures: int, num_atoms: int,
-                 num_edges: int):
+                 num_edges: int, num_extra_rows: Mapping[str, int] | None = None):
+        num_extra_rows = dict(num_extra_rows or {})
+        if num_extra_rows.keys() != like.extras.keys():
+            raise ValueError(f"{path}: num_extra_rows has sets {sorted(num_extra_rows)}, the store "
+                             f"{sorted(like.extras)}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
-        rows = {"atomic_numbers": num_atoms, "node_ptr": num_structures + 1, "edge_ptr": num_structures + 1,
-                "index": num_structures, "ring_aromatic": num_atoms,
-                **{name: num_edges for name in _EDGE_FIELDS}, **{f"target.{k}": num_structures for k in like.targets}}
-        self.totals = (num_structures, num_atoms, num_edges)
-        self.done = [0, 0, 0]  # structures, atoms, edges written so far
+        # rows of every set; the first three are reported as (structures, atoms, edges)
+        self.totals = {"structures": num_structures, "nodes": num_atoms, "edges": num_edges, **num_extra_rows}
+        self.done = dict.fromkeys(self.totals, 0)  # rows written so far
+        self.refers = {name: dict(extra.refers) for name, extra in like.extras.items()}
+        self.layout = {name: (level, is_ptr) for name, (_, level, is_ptr) in like._files().items()}
         self.files: dict[str, np.ndarray] = {}
-        self.names = set(like._arrays())
-        for name, array in like._arrays().items():
-            shape = (rows[name], *array.shape[1:])
+        for name, (array, level, is_ptr) in like._files().items():
+            shape = (num_structures + 1 if is_ptr else self.totals[level], *array.shape[1:])
             file = self.tmp / f"{name}.npy"
             if int(np.prod(shape)) == 0:  # an empty region cannot be mapped
                 np.save(file, np.zeros(shape, array.dtype), allow_pickle=False)
                 continue
             self.files[name] = np.lib.format.open_memmap(file, mode="w+", dtype=array.dtype, shape=shape)
-        for ptr in ("node_ptr", "edge_ptr"):
-            self.files[ptr][0] = 0
+            if is_ptr:
+                self.files[name][0] = 0
+
+    def _counts(self, rows: Mapping[str, int]) -> str:
+        """``rows`` as "(S, A, E, T...) (structures, atoms, edges, <extra sets>...)"."""
+        return f"{tuple(rows.values())} ({', '.join(('structures', 'atoms', 'edges', *list(rows)[3:]))})"
 
     def append(self, part: GraphStore, index: np.ndarray | None = None) -> None:
         """Appends every structure of ``part`` (with data-set indices ``index``, default its own).
 
         Raises:
-          ValueError: if ``part`` goes beyond the totals, or lacks a target or field.
+          ValueError: if ``part`` goes beyond the totals, or lacks a target, field or extra set.
         """
-        s, a, e = self.done
-        n_s, n_a, n_e = part.num_structures, int(part.node_ptr[-1]), int(part.edge_ptr[-1])
-        if s + n_s > self.totals[0] or a + n_a > self.totals[1] or e + n_e > self.totals[2]:
-            raise ValueError(f"{self.path}: appending {n_s} structures goes beyond the store's totals {self.totals}")
-        arrays = part._arrays()
-        arrays["index"] = part.index if index is None else np.asarray(index)
-        if set(arrays) != self.names:
-            raise ValueError(f"{self.path}: part has fields {sorted(arrays)}, the store {sorted(self.names)}")
-        spans = {"atomic_numbers": (a, n_a), "ring_aromatic": (a, n_a), "index": (s, n_s),
-                 **{name: (e, n_e) for name in _EDGE_FIELDS}}
+        arrays = {name: array for name, (array, _, _) in part._files().items()}
+        if arrays.keys() != self.layout.keys() or {n: dict(x.refers) for n, x in part.extras.items()} != self.refers:
+            raise ValueError(f"{self.path}: part has fields {sorted(arrays)}, the store {sorted(self.layout)}")
+        if index is not None:
+            arrays["index"] = np.asarray(index)
+        rows = part._rows()
+        if any(self.done[k] + rows[k] > self.totals[k] for k in self.totals):
+            raise ValueError(f"{self.path}: appending {rows['structures']} structures goes beyond the store's "
+                             f"totals {self._counts(self.totals)}")
+        s, n_s = self.done["structures"], rows["structures"]
         for name, out in self.files.items():
-            if name in ("node_ptr", "edge_ptr"):
-                base = a if name == "node_ptr" else e
-                out[s + 1:s + 1 + n_s] = base + arrays[name][1:]
+            level, is_ptr = self.layout[name]
+            start = self.done[level]
+            if is_ptr:
+                out[s + 1:s + 1 + n_s] = start + arrays[name][1:]
             else:
-                start, count = spans.get(name, (s, n_s))
-                out[start:start + count] = arrays[name]
-        self.done = [s + n_s, a + n_a, e + n_e]
+                out[start:start + rows[level]] = arrays[name]
+        for k in self.totals:
+            self.done[k] += rows[k]
 
     def close(self, metadata: Mapping[str, Any] | None = None) -> None:
         """Finishes the store: manifest with checksums, then the rename into place.
 
         Raises:
-          ValueError: if fewer structures, atoms or edges were appended than announced.
+          ValueError: if fewer structures, atoms, edges or extra rows were appended than announced.
         """
-        if tuple(self.done) != self.totals:
-            raise ValueError(f"{self.path}: wrote {tuple(self.done)} (structures, atoms, edges) of {self.totals}")
+        if self.done != self.totals:
+            raise ValueError(f"{self.path}: wrote {self._counts(self.done)} of {tuple(self.totals.values())}")
         for array in self.files.values():
             array.flush()
         self.files.clear()
@@ -477,8 +643,10 @@ class StoreWriter:
             nbytes = int(np.prod(shape)) * dtype.itemsize
             files[file.stem] = {"bytes": size, "crc32": _file_crc32(file, size - nbytes), "shape": list(shape),
                                 "dtype": dtype.str}
-        manifest = {"format_version": STORE_FORMAT_VERSION, "num_structures": self.totals[0], "files": files,
-                    "metadata": dict(metadata or {})}
+        manifest = {"format_version": STORE_FORMAT_VERSION, "num_structures": self.totals["structures"],
+                    "files": files, "metadata": dict(metadata or {})}
+        if self.refers:  # absent without extra sets: such a store's manifest is as before them
+            manifest["extras"] = {name: {"refers": refers} for name, refers in self.refers.items()}
         # Written last: a directory whose manifest parses is complete.
         with open(self.tmp / _MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)

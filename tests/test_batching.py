@@ -1,5 +1,6 @@
 """Tests for scannet_jax.batching: bucket choice, padding layout/invariance, masks, the batch plan."""
 
+import dataclasses
 import itertools
 import threading
 
@@ -213,3 +214,170 @@ def test_prefetch_keeps_order_and_propagates_errors():
     assert next(gen) == 0
     gen.close()
     assert threading.active_count() == before
+
+
+# --- extra index sets ----------------------------------------------------------------------------
+
+
+def alignn_store(max_neighbors: int = 3) -> tuple[GraphStore, list]:
+    """H2O and CH4 with ALIGNN's k-NN bonds and their line graphs ("triplets", indices into edges)."""
+    from ase.build import molecule
+
+    from scannet_jax.knn import knn_neighbors
+    from scannet_jax.line_graph import line_graph
+
+    mols = [molecule("H2O"), molecule("CH4")]
+    bonds = [knn_neighbors(m, cutoff=3.0, max_neighbors=max_neighbors) for m in mols]
+    edges = [Edges(b.receivers, b.senders, b.distances, np.ones(len(b.senders)), np.ones(len(b.senders)))
+             for b in bonds]
+    store = GraphStore.from_structures([m.numbers for m in mols], edges, targets={"homo": [1.0, 2.0]})
+    lines = [line_graph(b.senders, b.receivers, b.vectors) for b in bonds]
+    parts = [{"senders": lg.senders, "receivers": lg.receivers, "cosines": lg.cosines.astype(np.float32)}
+             for lg in lines]
+    return store.with_extra("triplets", parts, {"senders": "edges", "receivers": "edges"}), list(zip(mols, bonds))
+
+
+def test_triplets_point_at_the_right_edges_of_the_batch():
+    from scannet_jax.line_graph import alignn_graphs, pad_alignn_batch
+
+    store, mols = alignn_store()
+    idx = np.array([1, 0])  # CH4 first: H2O's triplets must be shifted by CH4's edges
+    bucket = batching.worst_case_bucket(store, idx, 2, round_to=8)
+    assert dict(bucket.extras) == {"triplets": bucket.size("triplets")} and bucket.n_edge > store.n_edge.sum()
+    batch = batching.pad_batch(store, idx, bucket, "homo")
+    assert isinstance(batch, batching.Batch)
+    graphs, triplets = batch.graphs, batch.extras["triplets"]
+    assert set(triplets.fields) == {"senders", "receivers", "cosines"}
+    assert triplets.fields["senders"].dtype == np.int32 and triplets.fields["cosines"].dtype == np.float32
+    num_edges, num_triplets = int(store.n_edge.sum()), int(store.extras["triplets"].counts.sum())
+    k1, k2 = triplets.fields["senders"][:num_triplets], triplets.fields["receivers"][:num_triplets]
+    # a triplet (k1 = a -> b, k2 = b -> c) joins two edges of the batch that meet at atom b
+    np.testing.assert_array_equal(graphs.receivers[k1], graphs.senders[k2])
+    positions = np.concatenate([m.positions for m, _ in (mols[1], mols[0])])
+    r1 = positions[graphs.senders[k1]] - positions[graphs.receivers[k1]]
+    r2 = positions[graphs.receivers[k2]] - positions[graphs.senders[k2]]
+    cos = np.einsum("td,td->t", r1, r2) / np.linalg.norm(r1, axis=1) / np.linalg.norm(r2, axis=1)
+    np.testing.assert_allclose(triplets.fields["cosines"][:num_triplets], cos, atol=1e-6)
+    # the first graph's triplets are CH4's, unshifted; the second graph's are H2O's, shifted by CH4's edges
+    t_ch4 = int(store.extras["triplets"].counts[1])
+    assert k1[:t_ch4].max() < store.n_edge[1] and k1[t_ch4:].min() >= store.n_edge[1]
+    # padding triplets point at the first padding edge, which belongs to the padding graph
+    assert (triplets.fields["senders"][num_triplets:] == num_edges).all()
+    assert (triplets.fields["receivers"][num_triplets:] == num_edges).all()
+    assert (triplets.fields["cosines"][num_triplets:] == 0).all()
+    assert triplets.n_row.tolist() == [t_ch4, num_triplets - t_ch4, bucket.size("triplets") - num_triplets]
+    # the same numbers as line_graph.pad_alignn_batch (ALIGNN's own padding of the line graph)
+    pairs = [alignn_graphs(m.numbers, b) for m, b in (mols[1], mols[0])]
+    _, line = pad_alignn_batch(pairs, n_node=bucket.n_node, n_edge=bucket.n_edge,
+                               n_triplet=bucket.size("triplets"), n_graph=bucket.n_graph)
+    np.testing.assert_array_equal(triplets.fields["senders"], line.senders)
+    np.testing.assert_array_equal(triplets.fields["receivers"], line.receivers)
+    np.testing.assert_array_equal(triplets.fields["cosines"], line.edges["cosines"])
+    np.testing.assert_array_equal(triplets.n_row, line.n_edge)
+    np.testing.assert_array_equal(graphs.n_edge, line.n_node)
+
+
+def test_a_batch_without_extra_sets_is_the_plain_graphs_tuple():
+    store, _ = alignn_store()
+    plain = dataclasses.replace(store, extras={})
+    bucket = batching.worst_case_bucket(store, np.arange(2), 2)
+    with_extras = batching.pad_batch(store, [1, 0], bucket, "homo")
+    without = batching.pad_batch(plain, [1, 0], Bucket(*bucket[:3]), "homo")
+    assert type(without) is jraph.GraphsTuple
+    for x, y in zip(jax.tree.leaves(with_extras.graphs), jax.tree.leaves(without)):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    assert batching.worst_case_bucket(plain, np.arange(2), 2).extras == ()
+    assert batching.padding_rows(plain) == {"nodes": 1, "edges": 0}
+    assert batching.padding_rows(store) == {"nodes": 1, "edges": 1, "triplets": 0}
+
+
+def with_random_extras(store: GraphStore, seed: int = 0) -> GraphStore:
+    """Triplet-like rows per edge (indices into edges) and motif-like rows (into nodes) with edges
+    between the motifs (indices into the motifs), of very uneven sizes."""
+    rng = np.random.default_rng(seed)
+    trip, motifs, links = [], [], []
+    for e, n in zip(store.n_edge, store.n_node):
+        t = int(rng.integers(0, 4 * e + 1)) if e else 0
+        trip.append({"senders": rng.integers(0, max(e, 1), t), "receivers": rng.integers(0, max(e, 1), t),
+                     "cosines": rng.uniform(-1, 1, t).astype(np.float32)})
+        m = int(rng.integers(1, n + 1))
+        motifs.append({"centers": rng.choice(n, m, replace=False),
+                       "features": rng.normal(size=(m, 3)).astype(np.float32)})
+        k = int(rng.integers(0, 2 * m + 1))
+        links.append({"senders": rng.integers(0, m, k), "receivers": rng.integers(0, m, k),
+                      "sharing": rng.integers(0, 4, k).astype(np.int8)})
+    store = store.with_extra("triplets", trip, {"senders": "edges", "receivers": "edges"})
+    store = store.with_extra("motifs", motifs, {"centers": "nodes"})
+    return store.with_extra("motif_edges", links, {"senders": "motifs", "receivers": "motifs"})
+
+
+def check_extra_batch(store: GraphStore, idx: np.ndarray, batch: batching.Batch) -> None:
+    """Every set of ``batch``: rows and features as in the store, indices shifted by their graph's
+    offset in the set they refer to, padding rows pointing at that set's first padding row."""
+    counts = {name: store.counts(name)[idx] for name in ("nodes", "edges", *store.extras)}
+    for name, extra in store.extras.items():
+        got = batch.extras[name]
+        rows = np.concatenate([np.arange(extra.ptr[s], extra.ptr[s + 1]) for s in idx]).astype(np.int64)
+        real = len(rows)
+        assert got.n_row[:len(idx)].tolist() == counts[name].tolist()
+        assert all(len(v) == got.n_row.sum() for v in got.fields.values())
+        for field, values in extra.fields.items():
+            padded = got.fields[field]
+            if field in extra.refers:
+                target = extra.refers[field]
+                offset = np.repeat(np.cumsum(counts[target]) - counts[target], counts[name])
+                np.testing.assert_array_equal(padded[:real], values[rows] + offset)
+                assert padded.dtype == np.int32 and (padded[real:] == counts[target].sum()).all()
+            else:
+                np.testing.assert_array_equal(padded[:real], values[rows])
+                assert padded.dtype == values.dtype and (padded[real:] == 0).all()
+
+
+def test_worst_case_and_chosen_buckets_fit_every_batch_with_extra_sets():
+    store = with_random_extras(make_store(600, seed=3))
+    train = np.arange(500)
+    worst = batching.worst_case_bucket(store, train, 16)
+    assert [n for n, _ in worst.extras] == ["motif_edges", "motifs", "triplets"]
+    pad = batching.padding_rows(store)
+    assert pad == {"nodes": 1, "edges": 1, "motif_edges": 0, "motifs": 1, "triplets": 0}
+    for name in ("nodes", "edges", *store.extras):  # the 16 largest in each set, separately
+        largest = np.argsort(store.counts(name)[train], kind="stable")[-16:]
+        assert store.counts(name)[largest].sum() + pad[name] <= worst.size(name)
+        check_extra_batch(store, largest, batching.pad_batch(store, largest, worst, "homo"))
+    buckets = batching.choose_buckets(store, train, 16, max_buckets=4)
+    assert buckets[-1] == worst and all(len(b.extras) == 3 for b in buckets)
+    plan = batching.BatchPlan(store, train, "homo", 16, buckets)
+    used = set()
+    for stacked in plan.batches(5, 0):
+        assert isinstance(stacked, batching.Batch) and stacked.graphs.n_node.shape == (1, 17)
+        used.add(stacked.extras["triplets"].fields["senders"].shape)
+    assert len(used) >= 2  # the smaller buckets are used too
+    efficiency = plan.padding_efficiency(5, 0)
+    assert set(efficiency) == {"nodes", "edges", "graphs", *store.extras}
+    assert all(0 < v <= 1 for v in efficiency.values())
+    order = plan.order(5, 0)
+    for b in range(plan.num_batches()):  # every batch: exactly what the store holds
+        chunk = order[16 * b:16 * (b + 1)]
+        check_extra_batch(store, chunk, batching.pad_batch(store, chunk, plan.bucket_for([chunk]), "homo"))
+    with pytest.raises(ValueError, match="extra rows"):
+        tight = worst._replace(extras=tuple((n, 1) for n, _ in worst.extras))
+        batching.pad_batch(store, np.argsort(store.counts("triplets"))[-16:], tight, "homo")
+
+
+def test_extra_sets_over_devices_and_masks_under_jit():
+    store = with_random_extras(make_store(200, seed=4))
+    idx = np.arange(40)
+    buckets = batching.choose_buckets(store, idx, 10)
+    plan = batching.BatchPlan(store, idx, "homo", 40, buckets, num_devices=4, local_devices=range(4))
+    stacked = plan.batch(idx)
+    bucket = plan.bucket_for(plan.chunks(idx))
+    for d in range(4):
+        want = batching.pad_batch(store, idx[10 * d:10 * d + 10], bucket, "homo")
+        for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(x[d], y)
+    one = jax.tree.map(lambda x: x[1], stacked)
+    masks = jax.jit(batching.extra_masks)(one)
+    for name, mask in masks.items():
+        real = int(store.counts(name)[idx[10:20]].sum())
+        assert mask.dtype == bool and mask.shape == (bucket.size(name),)
+        assert int(mask.sum()) == real and bool(mask[:real].all())

@@ -155,3 +155,106 @@ def test_store_writer_appends_parts_into_one_mapped_store(tmp_path):
             writer.append(store)
             writer.append(store)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # no half-written directory
+
+
+def store_with_extras(seed: int = 0) -> GraphStore:
+    """`random_store` plus per-edge pairs (indices into edges, a feature [T, 2]) and per-atom
+    groups (an index into atoms) with links between the groups (indices into the groups)."""
+    store, numbers, edges, _ = random_store(seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    pairs, groups, links = [], [], []
+    for z, e in zip(numbers, edges):
+        num_edges, t = len(e.senders), int(rng.integers(0, 6))
+        t = t if num_edges else 0
+        pairs.append({"first": rng.integers(0, max(num_edges, 1), t), "second": rng.integers(0, max(num_edges, 1), t),
+                      "angle": rng.normal(size=(t, 2)).astype(np.float32)})
+        groups.append({"center": np.arange(len(z))[::2]})
+        m = len(groups[-1]["center"])
+        links.append({"a": rng.integers(0, m, 3), "b": rng.integers(0, m, 3)})
+    store = store.with_extra("pairs", pairs, {"first": "edges", "second": "edges"})
+    store = store.with_extra("groups", groups, {"center": "nodes"})
+    return store.with_extra("links", links, {"a": "groups", "b": "groups"})
+
+
+def assert_same_extras(a: GraphStore, b: GraphStore) -> None:
+    assert a.extras.keys() == b.extras.keys()
+    for name, x in a.extras.items():
+        y = b.extras[name]
+        np.testing.assert_array_equal(x.ptr, y.ptr)
+        assert dict(x.refers) == dict(y.refers) and x.fields.keys() == y.fields.keys()
+        for field, values in x.fields.items():
+            assert values.dtype == y.fields[field].dtype, (name, field)
+            np.testing.assert_array_equal(values, y.fields[field])
+
+
+def test_with_extra_packs_and_validates():
+    store = store_with_extras()
+    pairs = store.extras["pairs"]
+    assert pairs.fields["first"].dtype == np.int32 and pairs.fields["angle"].shape == (pairs.ptr[-1], 2)
+    assert pairs.ptr.dtype == np.int64 and pairs.ptr[0] == 0 and len(pairs.counts) == len(store)
+    np.testing.assert_array_equal(store.counts("groups"), (store.n_node + 1) // 2)
+    parts = [{"k": np.zeros(1, int)} for _ in range(len(store))]
+    parts[3] = {"k": np.array([store.n_edge[3]])}  # one past the last edge of structure 3
+    with pytest.raises(ValueError, match="structure 3, row 0 has k .* outside .* of 'edges'"):
+        store.with_extra("bad", parts, {"k": "edges"})
+    with pytest.raises(ValueError, match="refers to 'nowhere'"):
+        store.with_extra("bad", [{"k": np.zeros(0, int)}] * len(store), {"k": "nowhere"})
+    with pytest.raises(ValueError, match="different lengths"):
+        store.with_extra("bad", [{"k": np.zeros(1, int), "f": np.zeros(2)}] * len(store), {"k": "nodes"})
+    with pytest.raises(ValueError, match="identifier other than"):
+        store.with_extra("edges", [{"k": np.zeros(0, int)}] * len(store), {"k": "nodes"})
+    with pytest.raises(ValueError, match="1-D integer"):
+        graphs.ExtraSet(np.zeros(len(store) + 1, np.int64), {"k": np.zeros(0, np.float32)}, {"k": "nodes"})
+
+
+def test_extra_sets_survive_subset_concat_save_load_and_the_writer(tmp_path):
+    store = store_with_extras()
+    order = np.array([4, 0, 6, 2])
+    sub = store.subset(order)
+    for name, x in store.extras.items():
+        y = sub.extras[name]
+        for k, s in enumerate(order):
+            for field, values in x.fields.items():
+                np.testing.assert_array_equal(y.fields[field][y.ptr[k]:y.ptr[k + 1]], values[x.ptr[s]:x.ptr[s + 1]])
+    assert_same_extras(GraphStore.concat([store.subset([0, 1, 2]), store.subset([3, 4, 5, 6])]), store)
+    with pytest.raises(ValueError, match="extra sets"):
+        GraphStore.concat([store, random_store()[0]])
+    store.save(tmp_path / "s")
+    loaded = GraphStore.load(tmp_path / "s")
+    assert_same_extras(loaded, store)
+    assert isinstance(loaded.extras["pairs"].fields["angle"].base, np.memmap)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["extras"]["links"] == {"refers": {"a": "groups", "b": "groups"}}
+    assert {"extra.pairs.ptr", "extra.pairs.angle", "extra.links.a"} <= set(manifest["files"])
+    file = tmp_path / "s" / "extra.pairs.angle.npy"  # extra files are checksummed like the others
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="extra.pairs.angle.npy: checksum"):
+        GraphStore.load(tmp_path / "s")
+    # written part by part: three copies equal their concatenation
+    from scannet_jax.graphs import StoreWriter
+
+    rows = store._rows()
+    with StoreWriter(tmp_path / "big", store, num_structures=3 * rows["structures"], num_atoms=3 * rows["nodes"],
+                     num_edges=3 * rows["edges"], num_extra_rows={n: 3 * rows[n] for n in store.extras}) as writer:
+        for _ in range(3):
+            writer.append(store)
+        writer.close()
+    assert_same_extras(GraphStore.load(tmp_path / "big"), GraphStore.concat([store] * 3))
+    with pytest.raises(ValueError, match="num_extra_rows"):
+        StoreWriter(tmp_path / "x", store, num_structures=1, num_atoms=1, num_edges=1)
+    with pytest.raises(ValueError, match="wrote .* of"):
+        with StoreWriter(tmp_path / "half", store, num_structures=2 * rows["structures"], num_atoms=2 * rows["nodes"],
+                         num_edges=2 * rows["edges"], num_extra_rows={n: 2 * rows[n] + 1 for n in store.extras}) as w:
+            w.append(store)
+            w.append(store)
+            w.close()
+
+
+def test_a_store_without_extra_sets_is_written_as_before(tmp_path):
+    store, *_ = random_store()
+    store.save(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert "extras" not in manifest and not any(name.startswith("extra.") for name in manifest["files"])
+    assert GraphStore.load(tmp_path / "s").extras == {}
