@@ -5,7 +5,8 @@ Usage::
     python main.py predict --workdir=runs/qm9_homo mols.xyz POSCAR data.db \\
         --output=scored.extxyz --png=pictures --json=table.json
 
-Every file is read with ``ase.io.read(path, index=":")`` (any format ASE reads; every frame).
+Every file is read with ``datasets.xyz.iread_frames`` (any format ASE reads, every frame; a CIF
+one data block at a time, a block with a partially occupied site refused naming the site).
 A table (file, frame, formula, prediction, the three atoms with the highest GA score) goes to
 stdout; ``--output`` writes an extended XYZ with the prediction in each frame's info (key = the
 target name) and a per-atom ``ga_score`` column; ``--png`` draws each structure coloured by GA
@@ -87,25 +88,36 @@ def _write_atomically(path: str, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_frames(path: str) -> tuple[list[ase.Atoms], str | None]:
-    """Every frame ASE reads from ``path`` (read-only), and the error that stopped reading, if any
-    (the frames before it are kept)."""
+def _read_frames(path: str) -> tuple[list[tuple[int, ase.Atoms]], list[tuple[int | None, str]]]:
+    """The frames of ``path`` (read-only, `xyz.iread_frames`) as (frame, atoms), and the
+    problems as (frame or None for the file, reason): a frame that cannot be used (e.g. a CIF
+    block with partial occupancy) and the reader failure that stopped reading, if any (the
+    frames before it are kept)."""
+    from scannet_jax.datasets import xyz
+
     if Path(path).suffix == ".db" and Path(path).is_file():
         uri = f"file:{Path(path).absolute()}?mode=ro"
         try:
             with sqlite3.connect(uri, uri=True) as db:
                 tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.Error as err:
-            return [], f"cannot read: not an SQLite database ({err})"
+            return [], [(None, f"cannot read: not an SQLite database ({err})")]
         if "systems" not in tables:
-            return [], "cannot read: an SQLite file but not an ASE database (no 'systems' table); left unmodified"
-    frames: list[ase.Atoms] = []
+            return [], [(None, "cannot read: an SQLite file but not an ASE database (no 'systems' table); "
+                               "left unmodified")]
+    frames: list[tuple[int, ase.Atoms]] = []
+    errors: list[tuple[int | None, str]] = []
     try:
-        for atoms in ase.io.iread(path, index=":", do_not_split_by_at_sign=True):
-            frames.append(atoms)
-    except Exception as err:  # noqa: BLE001 - any reader failure is reported for this file
-        return frames, f"cannot read frame {len(frames)} (0-based) or later: {type(err).__name__}: {err}"
-    return frames, None
+        for frame, item in enumerate(xyz.iread_frames(path)):
+            if isinstance(item, xyz.FrameError):
+                errors.append((item.frame, item.reason))
+            else:
+                frames.append((frame, item))
+    except xyz.FrameError as err:
+        errors.append((err.frame, err.reason))
+    if not frames and not errors:
+        errors.append((None, "no structure in the file"))
+    return frames, errors
 
 
 def _format_table(rows: list[dict[str, Any]], units: str) -> str:
@@ -136,12 +148,10 @@ def main(argv: list[str]) -> int:
     warnings: list[dict[str, Any]] = []
     frames: list[tuple[str, int, ase.Atoms]] = []
     for path in args.files:
-        read, error = _read_frames(path)
-        if error is not None:
-            errors.append({"file": path, "frame": len(read) if read else None, "error": error})
-        elif not read:
-            errors.append({"file": path, "frame": None, "error": "no structure in the file"})
-        frames.extend((path, k, atoms) for k, atoms in enumerate(read))
+        read, problems = _read_frames(path)
+        errors.extend({"file": path, "frame": frame, "error": reason} for frame, reason in problems)
+        frames.extend((path, k, atoms) for k, atoms in read)
+    num_inputs = len(frames) + len(errors)  # every problem so far is an input left unread
 
     results = predictor.predict_each([a for _, _, a in frames], allow_unseen_elements=args.allow_unseen_elements)
     scores_ga = predictor.spec.node_scores is not None
@@ -189,7 +199,6 @@ def main(argv: list[str]) -> int:
                  "warnings": warnings}
         _write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
     if errors:
-        print(f"{len(errors)} of {len(frames) + sum(e['frame'] is None for e in errors)} input(s) failed",
-              file=sys.stderr)
+        print(f"{len(errors)} of {num_inputs} input(s) failed", file=sys.stderr)
         return EXIT_SOME_FAILED
     return 0

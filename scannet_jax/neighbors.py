@@ -102,10 +102,17 @@ def voronoi_neighbors(
       molecule `shifts` refer to the original's box diag(max(10, extent + 0.1)) Å, not to
       `atoms.cell`.
 
+    A left-handed cell (det < 0) is a valid lattice: the edges are those of the same crystal
+    given with a right-handed cell (same receivers, senders, image vectors ``shifts @ cell``,
+    distances, Ω and ρ; edges between the same two atoms may come in another order, as the
+    shifts refer to the cell given). A one-atom cell has only image edges (bcc Fe: 14 edges,
+    all i = j = 0).
+
     Raises:
       ValueError: empty structure, non-finite position, Z outside 1..94, two atoms closer than
-        0.1 Å, mixed pbc, singular cell, unknown mode; exact mode, a cell that fails its 4π check
-        (names the formula and the atom; not seen on any input so far).
+        0.1 Å (in a crystal also across a cell boundary: names both atoms and the image),
+        mixed pbc, singular cell (zero volume), unknown mode; exact mode, a cell that fails its
+        4π check (names the formula and the atom; not seen on any input so far).
     """
     return neighbors_from_arrays(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc,
                                  cutoff=cutoff, min_solid_angle=min_solid_angle,
@@ -177,7 +184,8 @@ def _validate(numbers: Any, positions: Any, cell: Any, pbc: Any, mode: str
             raise ValueError(f"cell has non-finite entries: {cell.tolist()}")
         volume = abs(np.linalg.det(cell))
         if volume < 1e-6 * max(np.linalg.norm(cell, axis=1).prod(), 1e-300):
-            raise ValueError(f"periodic cell is singular (volume {volume:.3g} Å^3): {cell.tolist()}")
+            raise ValueError(f"periodic cell is singular (volume {volume:.3g} Å^3; a crystal needs three linearly "
+                             f"independent lattice vectors): {cell.tolist()}")
         _check_close_images(positions, cell)
     else:
         _check_close_pairs(positions)

@@ -11,6 +11,8 @@ where each structure came from):
   crystals; periodic where a lattice is given.
 * ``read_ase``: anything ``ase.io.read`` understands, or an ASE database (``*.db``), with targets
   taken from ``atoms.info`` / the row's key-value pairs (or the attached calculator's results).
+  Its frames come from `iread_frames`, which the ``predict`` command reads with too: a CIF is
+  read one data block at a time, and a block with a partially occupied site is refused.
 
 The two xyz dialects are parsed here (not through ``ase.io``) so that reading is fast and every
 defect is reported precisely: a ``ValueError`` naming the file, the frame (0-based) and the
@@ -22,20 +24,25 @@ from __future__ import annotations
 import functools
 import gzip
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import ase
 import ase.db
 import ase.io
+import ase.io.cif
 import numpy as np
 from ase.data import atomic_numbers
+from ase.io.formats import filetype
 
 from scannet_jax.structures import Structure, molecule
 
 FULLERENE_PROPERTIES = ("homo", "lumo", "total_energy")  # eV
 PT_GRAPHENE_PROPERTIES = ("total_energy", "ref_energy")  # eV
+# A CIF site whose _atom_site_occupancy is below 1 - OCCUPANCY_TOLERANCE is partially occupied
+# (files often write a full site as 0.9999).
+OCCUPANCY_TOLERANCE = 1e-3
 
 PathLike = str | Path
 
@@ -61,6 +68,21 @@ class StructureData:
 
 class ParseError(ValueError):
     """A defect in an input file; the message names file, frame (0-based) and line (1-based)."""
+
+
+class FrameError(ParseError):
+    """A frame of a file read through ASE that cannot be used (`iread_frames`).
+
+    Attributes:
+      path: the file.
+      frame: 0-based frame (for a CIF: data block with a structure), or None for the whole file.
+      reason: what is wrong, without the file and frame.
+    """
+
+    def __init__(self, path: PathLike, frame: int | None, reason: str):
+        where = f"{path}" if frame is None else f"{path}: frame {frame} (0-based)"
+        super().__init__(f"{where}: {reason}")
+        self.path, self.frame, self.reason = str(path), frame, reason
 
 
 def _error(path: PathLike, frame: int, line: int | None, message: str) -> ParseError:
@@ -330,6 +352,94 @@ def read_extxyz(path: PathLike, targets: Sequence[str]) -> StructureData:
     return StructureData(structures, _stack_targets(rows, targets), sources)
 
 
+def partial_occupancy(block: ase.io.cif.CIFBlock) -> str | None:
+    """Why a CIF data block is not an ordered structure, or None if it is.
+
+    A site is partially occupied when its ``_atom_site_occupancy`` is below
+    1 - OCCUPANCY_TOLERANCE (a non-numeric value such as ``?`` counts as full). ASE would keep
+    the majority species of such a site and drop the rest (``ase.io.cif.read_cif``), so the
+    structure read is not the one in the file; a disordered structure has no Voronoi
+    neighbours of its own.
+
+    Returns:
+      the first such site by its ``_atom_site_label`` (by its 1-based position in the site
+      loop where the file has no labels), its species and occupancy.
+    """
+    occupancies = block.get("_atom_site_occupancy")
+    if occupancies is None:
+        return None
+    labels = block.get("_atom_site_label")
+    species = block.get("_atom_site_type_symbol")
+    for k, occupancy in enumerate(occupancies):
+        if isinstance(occupancy, (int, float)) and occupancy < 1 - OCCUPANCY_TOLERANCE:
+            site = labels[k] if labels else f"number {k + 1} of the site loop"
+            symbol = f" ({species[k]})" if species else ""
+            return (f"site {site}{symbol} has occupancy {occupancy:g}: partial occupancy (a disordered "
+                    "structure) is not supported; give an ordered structure, e.g. a supercell with every "
+                    "site filled")
+    return None
+
+
+def _iread_cif(path: PathLike) -> Iterator[ase.Atoms | FrameError]:
+    """The data blocks of a CIF holding a structure, each read on its own (``ase.io.iread``
+    gives up on the whole file at its first bad block), with the block's tags in
+    ``atoms.info`` (so that a tag such as ``_dft_energy`` can be a target)."""
+    blocks = ase.io.cif.parse_cif(str(path))
+    frame = 0
+    while True:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - a syntax error ends the file; the blocks before stay
+            raise FrameError(path, frame or None, f"cannot read{' this block or later' if frame else ''}: "
+                                                  f"{type(err).__name__}: {err}") from err
+        if not block.has_structure():
+            continue
+        reason = partial_occupancy(block)
+        if reason is None:
+            try:
+                yield block.get_atoms(store_tags=True)
+            except Exception as err:  # noqa: BLE001 - ASE's reason, for this block only
+                yield FrameError(path, frame, f"data block {block.name!r}: {type(err).__name__}: {err}")
+        else:
+            yield FrameError(path, frame, f"data block {block.name!r}: {reason}")
+        frame += 1
+
+
+def iread_frames(path: PathLike) -> Iterator[ase.Atoms | FrameError]:
+    """Every frame ASE reads from ``path``, in order; a frame that cannot be used is a
+    `FrameError` in its place (naming file, frame and why) and the frames after it still come.
+
+    A CIF (``ase.io.formats.filetype``) is read one data block at a time through ASE's CIF
+    parser; a block with a partially occupied site (`partial_occupancy`) or one ASE cannot build
+    is a FrameError naming the block and the site. Other formats go through ``ase.io.iread``
+    (a file name containing ``@`` is a file name, not ASE's ``file@index``).
+
+    Raises:
+      FrameError: when the reader itself fails: no frame from there on can be read (``frame``
+        is the first frame not read, None if it is the first of the file).
+    """
+    try:
+        is_cif = filetype(str(path)) == "cif"
+    except Exception:  # noqa: BLE001 - ase.io.iread reports what it cannot read
+        is_cif = False
+    if is_cif:
+        yield from _iread_cif(path)
+        return
+    frame = 0
+    try:
+        for atoms in ase.io.iread(str(path), index=":", do_not_split_by_at_sign=True):
+            yield atoms
+            frame += 1
+    except UnicodeDecodeError as err:
+        raise FrameError(path, frame or None,
+                         f"not a text file ASE can read (byte at offset {err.start} is not UTF-8)") from None
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported for this file
+        raise FrameError(path, frame or None, f"cannot read{' this frame or later' if frame else ''}: "
+                                              f"{type(err).__name__}: {err}") from err
+
+
 def _atoms_target(atoms: ase.Atoms, name: str) -> object:
     if name in atoms.info:
         return atoms.info[name]
@@ -338,8 +448,8 @@ def _atoms_target(atoms: ase.Atoms, name: str) -> object:
     return None
 
 
-def read_ase(path: PathLike, targets: Sequence[str], *, index: str = ":",
-             database: bool | None = None, selection: str | None = None) -> StructureData:
+def read_ase(path: PathLike, targets: Sequence[str], *, database: bool | None = None,
+             selection: str | None = None) -> StructureData:
     """Reads any ASE-readable file, or an ASE database (``ase.db``).
 
     Targets are looked up in ``atoms.info``, then in the attached calculator's results (files),
@@ -349,7 +459,6 @@ def read_ase(path: PathLike, targets: Sequence[str], *, index: str = ":",
     Args:
       path: the file.
       targets: names of the scalar targets.
-      index: ASE frame selection for files (``":"`` = all).
       database: read ``path`` with ``ase.db``; None = when it ends in ``.db``.
       selection: ``ase.db`` query (None = all rows); frames are numbered by position in it.
 
@@ -364,11 +473,10 @@ def read_ase(path: PathLike, targets: Sequence[str], *, index: str = ":",
         lookups = [row.get for row in rows]
         where = "the row's key_value_pairs or fields"
     else:
-        try:
-            frames = ase.io.read(str(path), index=index, do_not_split_by_at_sign=True)
-        except UnicodeDecodeError as err:
-            raise ParseError(f"{path}: not a text file ASE can read (byte at offset {err.start} is not UTF-8)") from None
-        frames = frames if isinstance(frames, list) else [frames]
+        frames = list(iread_frames(path))
+        bad = next((f for f in frames if isinstance(f, FrameError)), None)
+        if bad is not None:
+            raise bad
         lookups = [functools.partial(_atoms_target, atoms) for atoms in frames]
         where = "atoms.info or the calculator results"
 
