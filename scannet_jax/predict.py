@@ -204,8 +204,13 @@ class Predictor:
 
         Checked: at least one atom, finite positions, periodicity matching the training data,
         elements within the embedding table and (unless ``allow_unseen_elements``) seen in
-        training. Geometry problems found by the featuriser (atoms closer than 0.1 Å, singular
-        cell) are reported by ``predict_each``.
+        training. Geometry problems found by the featuriser (atoms closer than 0.1 Å, also
+        across a cell boundary; a singular cell) are reported by ``predict_each``.
+
+        Defined results, not errors: a left-handed cell is predicted as the same crystal with a
+        right-handed cell (`neighbors.voronoi_neighbors`); a one-atom cell gets α = 1 and a finite
+        value (the GA norm is floored, ``layers.GlobalAttention``; the original gives NaN).
+        Periodicity is checked only when the training data set fixes it (``Domain.periodic``).
         """
         if len(atoms) == 0:
             raise StructureError("empty structure (no atoms)")
