@@ -16,6 +16,18 @@ alternating), --rounds times over the sample; it reports the medians over rounds
 and of the per-round ratio, and compares the two versions' outputs on --compare-num molecules. Writes experiments/results/bench_featurize_baseline.json.
 
     python experiments/bench_featurize.py --baseline 6aef04e --num 2000 --rounds 5
+
+With --large it instead measures peak memory and seconds of exact-mode featurisation of single
+large structures (--sizes atoms, default 100,1000,3000,10000): a seeded random packing of H/C/N/O
+at liquid density in a sphere (`packed_molecule`) and a supercell of rocksalt MgO with seeded
+displacements (`displaced_crystal`). Each structure is featurised in a fresh subprocess (memory
+capped by --memory-limit-gb, so that a quadratic version fails instead of swapping): peak RSS
+(ru_maxrss minus the same process's RSS after import and building the structure, i.e. with
+Qhull's own allocations), then, in a second run, the tracemalloc peak of NumPy/Python allocations
+split into input validation and the Voronoi computation. With --baseline REV the same is done for
+`scannet_jax/neighbors.py` at REV. Writes experiments/results/bench_featurize_large.json.
+
+    python experiments/bench_featurize.py --large --baseline HEAD --sizes 100,1000,3000
 """
 
 from __future__ import annotations
@@ -30,11 +42,13 @@ import multiprocessing
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +58,7 @@ from scannet_jax import neighbors
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_featurize.json"
 BASELINE_RESULTS = RESULTS.with_name("bench_featurize_baseline.json")
+LARGE_RESULTS = RESULTS.with_name("bench_featurize_large.json")
 REPO = Path(__file__).resolve().parents[1]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -276,6 +291,164 @@ def run_baseline(args, molecules) -> None:
     print(f"wrote {out}")
 
 
+def packed_molecule(num_atoms: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(Z [N], positions [N, 3] Å): H/C/N/O (50/30/10/10 %) at 0.1 atoms/Å^3 in a sphere.
+
+    Uniform points in the ball, every atom of a pair closer than 0.9 Å redrawn until none is
+    (random sequential packing: water's number density, its shortest bond just above 0.9 Å).
+    """
+    rng = np.random.default_rng(seed)
+    radius = (3 * num_atoms / (4 * np.pi * 0.1)) ** (1 / 3)
+
+    def ball(k: int) -> np.ndarray:
+        u = rng.normal(size=(k, 3))
+        return radius * rng.random((k, 1)) ** (1 / 3) * u / np.linalg.norm(u, axis=1, keepdims=True)
+
+    from scipy.spatial import cKDTree
+
+    positions = ball(num_atoms)
+    while True:
+        pairs = cKDTree(positions).query_pairs(0.9, output_type="ndarray")
+        if not len(pairs):
+            break
+        redo = np.unique(pairs[:, 1])
+        positions[redo] = ball(len(redo))
+    numbers = rng.choice([1, 6, 7, 8], num_atoms, p=[0.5, 0.3, 0.1, 0.1])
+    return numbers, positions
+
+
+def displaced_crystal(num_atoms: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Z [N], positions [N, 3] Å, cell [3, 3] Å): rocksalt MgO (a = 4.21 Å, 2-atom primitive cell)
+    repeated n1 x n2 x n3 times (the most nearly cubic factorisation of num_atoms / 2), every atom
+    displaced by a seeded normal of 0.05 Å per axis."""
+    from ase.build import bulk
+
+    half = num_atoms // 2
+    if 2 * half != num_atoms:
+        raise ValueError(f"displaced_crystal: even atom count expected, got {num_atoms}")
+    reps = min(((a, b, half // (a * b)) for a in range(1, half + 1) for b in range(a, half + 1)
+                if half % (a * b) == 0 and half // (a * b) >= b), key=lambda r: r[2] / r[0])
+    atoms = bulk("MgO", "rocksalt", a=4.21).repeat(reps)
+    rng = np.random.default_rng(seed)
+    return atoms.numbers, atoms.positions + rng.normal(scale=0.05, size=atoms.positions.shape), atoms.cell.array
+
+
+def _rss_mb() -> float:
+    """This process's peak resident set so far, MB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _large_worker(kind: str, num_atoms: int, module: Path | None, memory_limit_gb: float) -> None:
+    """Featurise one large structure; print one JSON line.
+
+    First the Voronoi part alone (`_exact_molecule` / `_exact_crystal` and `_select`, default
+    thresholds): seconds and peak RSS above this process's RSS before it; then the input checks
+    (`_validate`): seconds (a MemoryError is recorded, not raised); then both again under
+    tracemalloc for the peaks of traced allocations.
+    """
+    limit = int(memory_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    nb = load_neighbors_module(module)
+    if kind == "molecule":
+        numbers, positions = packed_molecule(num_atoms)
+        cell, pbc = np.zeros((3, 3)), False
+    else:
+        numbers, positions, cell = displaced_crystal(num_atoms)
+        pbc = True
+
+    def voronoi():
+        facets = nb._exact_crystal(numbers, positions, cell) if pbc else nb._exact_molecule(numbers, positions)
+        return nb._select(facets, positions, cell, 4.0, 0.4, 0.2, nb.TIE_TOLERANCE)
+
+    def validate():
+        nb._validate(numbers, positions, cell, pbc, "exact")
+
+    row: dict = {"kind": kind, "atoms": num_atoms}
+    baseline = _rss_mb()
+    for part, work in (("voronoi", voronoi), ("validate", validate)):
+        try:
+            start = time.perf_counter()
+            result = work()
+            row[f"{part}_seconds"] = time.perf_counter() - start
+            if part == "voronoi":
+                row["peak_rss_mb"] = _rss_mb() - baseline
+                row["edges"] = int(len(result.receivers))
+        except MemoryError:
+            row[f"{part}_error"] = f"MemoryError (address space capped at {memory_limit_gb:g} GB)"
+    row["peak_rss_mb_with_validate"] = _rss_mb() - baseline
+    for part, work in (("voronoi", voronoi), ("validate", validate)):
+        if f"{part}_error" in row:
+            continue
+        tracemalloc.start()
+        work()
+        row[f"tracemalloc_{part}_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    print(json.dumps(row), flush=True)
+
+
+def run_large(args) -> None:
+    """Peak memory and seconds on large structures, each in a fresh subprocess (module docstring)."""
+    versions: list[tuple[str, Path | None]] = [("this checkout", None)]
+    with tempfile.TemporaryDirectory() as tmp:
+        revision = None
+        if args.baseline:
+            revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
+                                      capture_output=True, text=True).stdout.strip()
+            base_file = Path(tmp) / "neighbors_baseline.py"
+            base_file.write_text(subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{revision}:scannet_jax/neighbors.py"],
+                check=True, capture_output=True, text=True).stdout)
+            versions.insert(0, (f"baseline {revision}", base_file))
+        rows = []
+        for kind in args.kinds.split(","):
+            for num_atoms in (int(s) for s in args.sizes.split(",")):
+                for version, module in versions:
+                    command = [sys.executable, __file__, "--large-worker", kind, str(num_atoms),
+                               "--memory-limit-gb", str(args.memory_limit_gb)]
+                    if module is not None:
+                        command += ["--worker-module", str(module)]
+                    try:
+                        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                        lines = done.stdout.strip().splitlines()
+                        row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+                            "kind": kind, "atoms": num_atoms,
+                            "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+                    except subprocess.TimeoutExpired:
+                        row = {"kind": kind, "atoms": num_atoms, "error": f"over {args.timeout:g} s"}
+                    row["version"] = version
+                    if "peak_rss_mb" in row:
+                        row["rss_mb_per_atom"] = row["peak_rss_mb"] / num_atoms
+                    rows.append(row)
+                    print(_large_line(row), flush=True)
+    print(f"\n{'kind':9s} {'version':16s} {'atoms':>6s} {'seconds':>8s} {'peak MB':>8s} {'MB/atom':>8s} "
+          f"{'traced MB':>10s} {'check s':>9s} {'check MB':>11s} {'edges':>7s}")
+    print("(seconds, peak RSS, RSS per atom and traced peak of the Voronoi part; seconds and traced peak of the "
+          "input checks, _validate)")
+    for row in rows:
+        print(_large_line(row))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out if args.out != RESULTS else LARGE_RESULTS
+    out.write_text(json.dumps({
+        "command": " ".join(sys.argv), "baseline": revision, "neighbors_version": neighbors.NEIGHBORS_VERSION,
+        "memory_limit_gb": args.memory_limit_gb, "cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
+        "peak_rss_mb": "Voronoi part (_exact_molecule/_exact_crystal + _select): ru_maxrss of the subprocess minus "
+                       "its RSS after import and building the structure; _with_validate: after _validate too",
+        "tracemalloc_mb": "peak of traced (NumPy and Python) allocations, in a second run of each part",
+        "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _large_line(row: dict) -> str:
+    def number(key: str, width: int, digits: int) -> str:
+        return f"{row[key]:{width}.{digits}f}" if key in row else f"{'-':>{width}s}"
+
+    line = (f"{row['kind']:9s} {row['version']:16s} {row['atoms']:6d} {number('voronoi_seconds', 8, 2)} "
+            f"{number('peak_rss_mb', 8, 1)} {number('rss_mb_per_atom', 8, 4)} {number('tracemalloc_voronoi_mb', 10, 1)} "
+            f"{number('validate_seconds', 9, 2)} {number('tracemalloc_validate_mb', 11, 1)} "
+            f"{row.get('edges', '-'):>7}")
+    errors = [f"{k}: {v}" for k, v in row.items() if k.endswith("error")]
+    return line + ("  " + "; ".join(errors) if errors else "")
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num", type=int, default=5000, help="molecules in the sample")
@@ -290,11 +463,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds over the sample with --baseline")
     parser.add_argument("--chunks", type=int, default=20, help="interleaved chunks per round with --baseline")
     parser.add_argument("--compare-num", type=int, default=300, help="molecules whose outputs --baseline compares")
+    parser.add_argument("--large", action="store_true", help="peak memory on large structures (docstring)")
+    parser.add_argument("--sizes", default="100,1000,3000,10000", help="atoms per structure with --large")
+    parser.add_argument("--kinds", default="molecule,crystal", help="structures with --large")
+    parser.add_argument("--memory-limit-gb", type=float, default=6.0, help="address-space cap per --large run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per --large run")
+    parser.add_argument("--large-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-module", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.time_worker is not None:
         _time_worker(args.time_worker, args.worker_module)
+        return
+    if args.large_worker is not None:
+        _large_worker(args.large_worker[0], int(args.large_worker[1]), args.worker_module, args.memory_limit_gb)
+        return
+    if args.large:
+        run_large(args)
         return
 
     t0 = time.perf_counter()
