@@ -84,18 +84,20 @@ def time_training(store_dir: str, splits_file: str) -> dict:
 
     from configs import qm9
     from scannet_jax import batching, parallel, train
+    from scannet_jax.steps import set_learning_rate
+    from scannet_jax.datasets.splits import make_datasets
     from scannet_jax.graphs import GraphStore
 
     t0 = time.perf_counter()
     store = GraphStore.load(store_dir)
     splits = {k: np.asarray(v, np.int64) for k, v in json.loads(Path(splits_file).read_text()).items()}
-    data = train.make_datasets(store, splits, "homo")
+    data = make_datasets(store, splits, "homo")
     config = qm9.get_config("homo,tiny" if FLAGS.small_model else "homo")
     config.batch_size = config.eval_batch_size = 128
     config.num_buckets = 4
     trainer = train.setup(config, data)
     setup_s = time.perf_counter() - t0
-    state = train.set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
+    state = set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
     plan, mesh = trainer.train_plan, trainer.mesh
     order = plan.order(config.seed, 0)
     first_of_bucket = {}  # compile every bucket before timing

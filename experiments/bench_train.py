@@ -45,14 +45,15 @@ def bench_variant(variant: str) -> dict:
 
     from configs import qm9
     from scannet_jax import batching, parallel, train
+    from scannet_jax.steps import set_learning_rate
 
     config = qm9.get_config(f"{FLAGS.target},limit={FLAGS.limit}" + (",scann" if variant == "scann" else ""))
     config.batch_size = config.eval_batch_size = FLAGS.batch_size
     config.num_buckets = FLAGS.num_buckets
     trainer = train.setup(config)
-    data, mesh, plan, steps = trainer.data, trainer.mesh, trainer.train_plan, trainer.steps
+    mesh, plan, steps = trainer.mesh, trainer.train_plan, trainer.steps
     eval_plan = trainer.eval_plans["validation"]
-    state = train.set_learning_rate(trainer.state, config.optimizer.lr, mesh)
+    state = set_learning_rate(trainer.state, config.optimizer.lr, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     # Compile every bucket first: one representative batch per bucket, timed apart.

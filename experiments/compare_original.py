@@ -256,14 +256,16 @@ def ours_training_setup(store, variant: str, batch: int, num_buckets: int = 2):
 
     from configs import qm9 as qm9_config
     from scannet_jax import train
+    from scannet_jax.steps import set_learning_rate
+    from scannet_jax.datasets.splits import make_datasets
 
     config = qm9_config.get_config(TARGET + (",scann" if variant == "scann" else ""))
     config.batch_size = config.eval_batch_size = batch
     config.num_buckets = num_buckets
     everything = np.arange(len(store))
-    data = train.make_datasets(store, {"train": everything, "validation": everything, "test": everything}, TARGET)
+    data = make_datasets(store, {"train": everything, "validation": everything, "test": everything}, TARGET)
     trainer = train.setup(config, data)
-    state = train.set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
+    state = set_learning_rate(trainer.state, config.optimizer.lr, trainer.mesh)
     return state, trainer.steps, trainer.train_plan, trainer.mesh
 
 

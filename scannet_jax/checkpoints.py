@@ -26,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scannet_jax import atomic
+
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SCALER_FILE = "target_scaler.json"
@@ -71,9 +73,8 @@ def write_json(path: Path, value: Any) -> None:
     """Writes JSON atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
+    text = json.dumps(value, indent=2, sort_keys=True, default=float)
+    atomic.write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 class Checkpointer:
@@ -205,9 +206,14 @@ def _host_array(x: Any) -> np.ndarray:
 
 
 def tree_digests(tree: Any) -> dict[str, str]:
-    """CRC-32 (hex) of every array of ``tree``, by its leaf name (as Orbax names it)."""
-    return {_leaf_name(path): f"{zlib.crc32(np.ascontiguousarray(_host_array(leaf)).tobytes()):08x}"
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    """CRC-32 (hex) of every array of ``tree``'s bytes, by its leaf name (as Orbax names it).
+
+    Each array is copied to the host once (none for host arrays) and checksummed in place.
+    """
+    def crc(leaf: Any) -> str:
+        return f"{zlib.crc32(np.ascontiguousarray(_host_array(leaf)).reshape(-1).view(np.uint8)):08x}"
+
+    return {_leaf_name(path): crc(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def verify_digests(tree: Any, meta: dict[str, Any], where: Path) -> None:

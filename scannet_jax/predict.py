@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase.data import chemical_symbols
 
-from scannet_jax import batching, checkpoints, models, structures, train
+from scannet_jax import batching, checkpoints, models, steps, structures
 from scannet_jax.batching import Bucket
 from scannet_jax.datasets import featurize
 from scannet_jax.graphs import Domain, GraphStore
@@ -137,8 +137,8 @@ class Predictor:
         variables = {"params": params, **(model_state or {})}
         self._variables = jax.device_put(jax.tree.map(jnp.asarray, variables))
         scale = np.float32(self.mean), np.float32(self.std)
-        self._trace = train.TraceCounter(
-            lambda variables, graphs: train.model_outputs(model.apply, variables, graphs, *scale))
+        self._trace = steps.TraceCounter(
+            lambda variables, graphs: steps.model_outputs(model.apply, variables, graphs, *scale))
         self._apply = jax.jit(self._trace)
 
     # ---------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from ase.data import covalent_radii
 from ase.neighborlist import neighbor_list
 from ase.utils import rotate
 
+from scannet_jax import atomic
+
 COLORMAP = "viridis"
 MAX_LABELLED_ATOMS = 40  # larger structures are drawn without atom labels
 ROTATION = "10x,20y,0z"  # a slight tilt so that planar molecules are not seen edge-on
@@ -274,5 +276,5 @@ def render_ga(atoms: ase.Atoms, ga_scores: np.ndarray, path: str | os.PathLike, 
     ax.set_title(title)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=colorbar_label)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)

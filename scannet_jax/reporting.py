@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import scannet_jax
+from scannet_jax import atomic
 
 METRICS_FILE = "metrics.jsonl"
 PARITY_PLOT = "parity_test.png"
@@ -87,7 +88,7 @@ def plot_parity(path: Path, predictions: np.ndarray, targets: np.ndarray, units:
     ax.set(xlabel=f"{target} reference ({units})", ylabel=f"{target} predicted ({units})",
            title=f"test set: MAE {mae:.4g} {units}, n = {int(ok.sum())}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -115,5 +116,5 @@ def plot_learning_curves(path: Path, records: list[dict[str, Any]], units: str, 
         ax.legend()
     ax.set(xlabel="epoch", ylabel=f"MAE ({units})", title=f"{target} learning curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -1,155 +1,44 @@
 """Training and evaluation of any registered network, data parallel over all devices.
 
 ``train_and_evaluate(config, workdir)`` is the whole job: `setup` (data → plans → model → state →
-steps), then epochs of ``train_step`` with validation, the epoch schedule, early stopping and
-checkpoints, then the best-validation parameters on every split, plots and ``results.json``.
-The config is read here, at the edge: by `get_datasets`, the ``create_*`` factories and
-`RunSettings.from_config`; everything below takes typed values.
-
-Steps are pure and run under ``jax.shard_map`` over the ``('data',)`` mesh (``parallel.py``):
-the batch argument holds one padded GraphsTuple per device, stacked on a leading axis. The loss
-(``config.loss``: the original's RMSE, or MSE) is computed over the *global* batch (sums and
-counts combined with ``psum`` first) plus the network's regulariser, so any number of devices
-computes the gradient of one device holding the whole batch. Graphs with a NaN target are masked
-out of loss and metrics. Nothing here is specific to one network: `models.get_spec` says how
-to build it, regularise it and whether it scores atoms.
+steps), then epochs of ``steps.train_step`` with validation, the epoch schedule, early stopping
+and checkpoints, then the best-validation parameters on every split, plots and ``results.json``.
+The config is read here, at the edge: by `get_datasets`, the ``create_*`` factories, `setup` and
+`loop.RunSettings.from_config`; everything below takes typed values. Nothing here is specific to
+one network (`models.get_spec` says how to build and regularise it).
 
 Departures from the original, on purpose: the target is standardised with the training split's
-mean and std (the original used the whole data set); a step whose loss or gradient is not
-finite is not applied (the state stays at the last good step) and the learning rate is halved.
+mean and std (the original used the whole data set); after a step whose loss or gradient is not
+finite (``steps.train_step`` does not apply it) the learning rate is halved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jraph
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
-from jax.sharding import PartitionSpec as P
 
-from scannet_jax import batching, checkpoints, datasets, losses, models, optim, parallel, reporting
+from scannet_jax import batching, checkpoints, datasets, models, optim, parallel, reporting
 from scannet_jax.batching import BatchPlan
-from scannet_jax.graphs import Domain, GraphStore, concat_ranges
 from scannet_jax.datasets import featurize
+from scannet_jax.datasets.splits import Datasets, make_datasets
+from scannet_jax.loop import LoopState, RunSettings, StopSignals, WallClock, agreed
+from scannet_jax.steps import Steps, TrainState, create_train_state, make_steps, set_learning_rate
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 SPLITS = datasets.SPLITS
-
-# Time kept back for the final evaluation of every split, from the measured validation speed:
-# the estimate times this margin, plus a fixed allowance for compiling and writing results.
-FINAL_EVAL_MARGIN = 1.2
-FINAL_EVAL_OVERHEAD_S = 30.0
-# Before any validation pass is timed, a forward pass is taken to cost this fraction of a step.
-FORWARD_FRACTION_OF_STEP = 1.0 / 3.0
-
-
-class TrainState(train_state.TrainState):
-    """Parameters, optimiser state and everything else a resumed run needs on device.
-
-    Attributes:
-      target_mean: float32 [], mean of the training targets (target units).
-      target_std: float32 [], their population std; predictions are y·std + mean.
-      rng: uint32 [2], base key; step t uses ``fold_in(rng, t)`` for dropout.
-      model_state: the network's non-parameter variables (e.g. ``{"batch_stats": ...}``), updated
-        by every training step; ``{}`` for networks without any.
-    """
-
-    target_mean: jax.Array
-    target_std: jax.Array
-    rng: jax.Array
-    model_state: Any = dataclasses.field(default_factory=dict)
-
-    def variables(self, params: Any = None) -> dict[str, Any]:
-        """The variables to ``apply`` the network with (``params`` replacing the state's)."""
-        return {"params": self.params if params is None else params, **self.model_state}
-
-
-# --------------------------------------------------------------------------------------------
-# Data: read config.data at the edge, hand typed values to `datasets.load`.
-
-
-@dataclasses.dataclass
-class Datasets:
-    """One data set with its splits and the training-split target scaler.
-
-    Attributes:
-      store: every structure of the data set.
-      splits: split name -> int64 positions in ``store``.
-      target: the target's name in ``store.targets``.
-      mean, std: the target scaler (training split; 0 and 1 without standardisation).
-    """
-
-    store: GraphStore
-    splits: dict[str, np.ndarray]
-    target: str
-    mean: float
-    std: float
-
-    def indices(self, name: str) -> np.ndarray:
-        """int64 positions in ``store`` of split ``name``."""
-        return np.asarray(self.splits[name], np.int64)
-
-    def split(self, name: str) -> GraphStore:
-        """A copy of split ``name`` as its own store (for inspection; training reads ``store``
-        through the split's indices)."""
-        return self.store.subset(self.indices(name))
-
-    @property
-    def train(self) -> GraphStore:
-        return self.split("train")
-
-    @property
-    def validation(self) -> GraphStore:
-        return self.split("validation")
-
-    @property
-    def test(self) -> GraphStore:
-        return self.split("test")
-
-    def domain(self, periodic: bool | None, chunk: int = 65536) -> Domain:
-        """The training split's elements; the size of the largest structure of any split.
-
-        The atoms are visited ``chunk`` structures at a time (bounded memory on large stores).
-        """
-        train, elements = self.indices("train"), set()
-        for start in range(0, len(train), chunk):
-            part = train[start:start + chunk]
-            nodes = concat_ranges(self.store.node_ptr[part], self.store.n_node[part])
-            elements.update(np.unique(self.store.atomic_numbers[nodes]).tolist())
-        return Domain(frozenset(int(z) for z in elements), periodic, int(self.store.n_node.max(initial=1)))
-
-
-def make_datasets(store: GraphStore, splits: dict[str, np.ndarray], target: str, standardize: bool = True) -> Datasets:
-    """`Datasets` of ``store`` with the target scaler computed on the training split.
-
-    Raises:
-      ValueError: for a target the store lacks, or a training split without any finite target.
-    """
-    if target not in store.targets:
-        raise ValueError(f"config.data.target={target!r} is not in the data set; available: {sorted(store.targets)}")
-    values = store.targets[target][np.asarray(splits["train"], np.int64)]
-    finite = np.isfinite(values)
-    if not finite.any():
-        raise ValueError(f"no finite {target!r} target in the training split")
-    mean, std = (float(np.mean(values[finite])), float(np.std(values[finite]))) if standardize else (0.0, 1.0)
-    return Datasets(store, {k: np.asarray(v, np.int64) for k, v in splits.items()}, target, mean,
-                    std if std > 0 else 1.0)
 
 
 def data_source(data: ml_collections.ConfigDict) -> datasets.Source:
@@ -192,171 +81,6 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optimiser of ``config.optimizer`` (``optim.create_optimizer``)."""
     return optim.create_optimizer(config.optimizer, steps_per_epoch)
-
-
-def create_train_state(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    example: jraph.GraphsTuple,
-    target_mean: float,
-    target_std: float,
-) -> TrainState:
-    """Initialises the network on ``example`` (one unstacked padded batch) with ``config.seed``."""
-    init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = jax.jit(lambda k, g: {c: v for c, v in model.init(k, g).items() if c != "intermediates"}
-                        )(init_key, example)
-    params = variables.pop("params")
-    model_state = dict(variables)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, target_mean=jnp.float32(target_mean),
-                             target_std=jnp.float32(target_std), rng=rng, model_state=model_state)
-
-
-# --------------------------------------------------------------------------------------------
-# Pure steps. Inside shard_map, every array of `batch` has a leading device axis of size 1.
-
-
-def _targets_and_mask(state: TrainState, graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]:
-    """Standardised targets [G] (0 where masked) and the mask [G] of real graphs with a target."""
-    target = graphs.globals["target"]
-    mask = jraph.get_graph_padding_mask(graphs) & jnp.isfinite(target)
-    scaled = (jnp.where(mask, target, state.target_mean) - state.target_mean) / state.target_std
-    return scaled, mask
-
-
-def _psum(tree: Any) -> Any:
-    return jax.lax.psum(tree, parallel.AXIS)
-
-
-def _error_metrics(sums: dict[str, jax.Array], std: jax.Array) -> dict[str, jax.Array]:
-    """Summed errors in target units (from standardised sums) and the count."""
-    return {"abs_err": sums["abs_error_sum"] * std, "sq_err": sums["squared_error_sum"] * std**2,
-            "count": sums["count"]}
-
-
-def train_step(state: TrainState, batch: jraph.GraphsTuple, *, loss: Callable[[jax.Array, jax.Array], jax.Array],
-               regularizer: Callable[[Any, float], jax.Array], coeff: float) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on the global batch (runs under ``make_steps``' shard_map).
-
-    Args:
-      state: replicated train state.
-      batch: this device's padded GraphsTuple, every leaf with a leading axis of size 1.
-      loss: ``losses.LOSSES`` entry: (summed squared error, count) of the global batch -> loss.
-      regularizer: the network's ``(params, coeff) -> penalty``.
-      coeff: its coefficient.
-
-    Returns:
-      (new state, metrics): metrics are sums over the global batch — ``abs_err``, ``sq_err``
-      (target units), ``count`` (graphs with a target) — plus ``loss``/``rmse`` of the step,
-      ``steps`` (1) and ``nonfinite`` (1 if the update was skipped). The dropout key is
-      ``fold_in(fold_in(rng, step), device)``.
-    """
-    graphs = parallel.unstack_local(batch)
-    scaled, mask = _targets_and_mask(state, graphs)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(parallel.AXIS))
-    mutable = list(state.model_state)
-
-    def loss_fn(params):
-        outputs = state.apply_fn(state.variables(params), graphs, train=True, rngs={"dropout": key},
-                                 mutable=mutable or False)
-        (predictions, _), model_state = outputs if mutable else (outputs, {})
-        sums = _psum(losses.metric_sums(predictions, scaled, mask))
-        value = loss(sums["squared_error_sum"], sums["count"])
-        return value + regularizer(params, coeff), (value, sums, model_state)
-
-    (total, (value, sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jax.tree.reduce(lambda ok, g: ok & jnp.isfinite(g).all(), grads, jnp.isfinite(total))
-    updated = state.apply_gradients(grads=grads)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(updated.params, state.params),
-        opt_state=keep(updated.opt_state, state.opt_state),
-        model_state=keep(jax.lax.pmean(dict(model_state), parallel.AXIS), state.model_state),
-    )
-    metrics = {"loss": jnp.where(finite, total, 0.0), "rmse": jnp.where(finite, value, 0.0),
-               **_error_metrics(sums, state.target_std), "steps": jnp.float32(1.0),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return new_state, metrics
-
-
-def model_outputs(apply_fn: Callable, variables: Any, graphs: jraph.GraphsTuple, target_mean: jax.Array,
-                  target_std: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """The network in inference mode: (predictions [G] in target units, node scores [N] or None).
-
-    The one inference path: evaluation, ``predict_step`` and the `predict.Predictor` use it.
-    """
-    predictions, node_scores = apply_fn(variables, graphs, train=False)
-    return predictions * target_std + target_mean, node_scores
-
-
-def eval_step(state: TrainState, batch: jraph.GraphsTuple) -> dict[str, jax.Array]:
-    """Sums ``abs_err``, ``sq_err`` (target units) and ``count`` over the global batch."""
-    graphs = parallel.unstack_local(batch)
-    scaled, mask = _targets_and_mask(state, graphs)
-    predictions, _ = model_outputs(state.apply_fn, state.variables(), graphs, 0.0, 1.0)
-    return _error_metrics(_psum(losses.metric_sums(predictions, scaled, mask)), state.target_std)
-
-
-def predict_step(state: TrainState, batch: jraph.GraphsTuple) -> jax.Array:
-    """Predictions in target units, [1, G] per device ([D, G] globally)."""
-    graphs = parallel.unstack_local(batch)
-    predictions, _ = model_outputs(state.apply_fn, state.variables(), graphs, state.target_mean, state.target_std)
-    return predictions[None]
-
-
-class TraceCounter:
-    """Counts how often a function is traced: under ``jax.jit`` once per new input shape, i.e.
-    the number of compilations."""
-
-    def __init__(self, fn: Callable):
-        self.fn, self.count = fn, 0
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.count += 1
-        return self.fn(*args, **kwargs)
-
-
-@dataclasses.dataclass
-class Steps:
-    """The jitted steps of one mesh; each compiles once per bucket shape.
-
-    ``train(state, batch) -> (state, metrics)``, ``eval(state, batch) -> metrics`` (sums and
-    counts in target units, divided on the host) and ``predict(state, batch) -> [D, G]``
-    predictions in target units. ``state`` is donated to ``train``.
-    """
-
-    train: Callable
-    eval: Callable
-    predict: Callable
-    traces: dict[str, TraceCounter]
-
-    def compile_counts(self) -> dict[str, int]:
-        return {name: counter.count for name, counter in self.traces.items()}
-
-
-def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: float) -> Steps:
-    """``train_step``, ``eval_step`` and ``predict_step`` for ``mesh``, with the loss
-    (``losses.LOSSES`` name) and the regulariser of the network ``model_config`` names."""
-    if loss not in losses.LOSSES:
-        raise ValueError(f"config.loss={loss!r}: unknown; known: {', '.join(losses.LOSSES)}")
-    regularizer = models.get_spec(model_config).regularizer
-    traces = {"train": TraceCounter(functools.partial(train_step, loss=losses.LOSSES[loss],
-                                                      regularizer=regularizer, coeff=coeff)),
-              "eval": TraceCounter(eval_step), "predict": TraceCounter(predict_step)}
-    data = (P(), P(parallel.AXIS))
-    train = parallel.data_parallel(traces["train"], mesh, data, (P(), P()))
-    evaluate = parallel.data_parallel(traces["eval"], mesh, data, P())
-    predict = parallel.data_parallel(traces["predict"], mesh, data, P(parallel.AXIS))
-    return Steps(train=jax.jit(train, donate_argnums=0), eval=jax.jit(evaluate), predict=jax.jit(predict),
-                 traces=traces)
-
-
-def set_learning_rate(state: TrainState, lr: float, mesh: jax.sharding.Mesh) -> TrainState:
-    """Returns ``state`` with the injected learning rate set to ``lr`` (replicated on ``mesh``)."""
-    return state.replace(opt_state=optim.set_learning_rate(state.opt_state, lr,
-                                                           lambda x: parallel.replicate(x, mesh)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +140,7 @@ def setup(config: ml_collections.ConfigDict, data: Datasets | None = None,
     tx = create_optimizer(config, train_plan.num_batches())
     first = train_plan.order(None, 0)[:min(train_size, config.batch_size)]
     example = jax.tree.map(lambda x: x[0], train_plan.batch(first))
-    state = create_train_state(config, model, tx, example, data.mean, data.std)
+    state = create_train_state(model, tx, example, data.mean, data.std, config.seed)
     if config.init_from:
         state = state.replace(params=checkpoints.load_init_params(config.init_from, state.params,
                                                                   config.model.to_dict()))
@@ -429,105 +153,6 @@ def setup(config: ml_collections.ConfigDict, data: Datasets | None = None,
 # --------------------------------------------------------------------------------------------
 # Host-side loop.
 
-
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """The loop's settings, read once from the config (see ``configs/qm9.py`` for each key)."""
-
-    seed: int
-    num_epochs: int
-    patience: int
-    max_wall_time_s: float
-    checkpoint_every_steps: int
-    checkpoint_every_minutes: float
-    log_every_steps: int
-    prefetch: int
-    target: str
-    units: str
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
-        return cls(seed=config.seed, num_epochs=config.num_epochs, patience=config.patience,
-                   max_wall_time_s=config.max_wall_time_s, checkpoint_every_steps=config.checkpoint_every_steps,
-                   checkpoint_every_minutes=config.checkpoint_every_minutes,
-                   log_every_steps=max(config.log_every_steps, 1), prefetch=config.prefetch,
-                   target=config.data.target, units=config.data.units)
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Where the loop is; checkpointed with the train state (as JSON meta) and restored on resume.
-
-    Attributes:
-      epoch: current epoch (0-based).
-      batch_index: batches of ``epoch`` already taken.
-      epoch_lr: the epoch schedule's rate for ``epoch`` (None until the epoch starts).
-      lr_scale: product of the halvings after non-finite steps.
-      best_val_mae: best validation MAE so far (target units).
-      best_epoch: its epoch (-1 before the first validation).
-      epochs_since_best: epochs without improvement (early stopping).
-      epoch_sums: summed metrics of the epoch so far (a mid-epoch checkpoint), or None.
-      stop_reason: why the run stopped ("" while it goes on).
-    """
-
-    epoch: int = 0
-    batch_index: int = 0
-    epoch_lr: float | None = None
-    lr_scale: float = 1.0
-    best_val_mae: float = math.inf
-    best_epoch: int = -1
-    epochs_since_best: int = 0
-    epoch_sums: dict[str, float] | None = None
-    stop_reason: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> LoopState:
-        return cls(**{f.name: value[f.name] for f in dataclasses.fields(cls) if f.name in value})
-
-
-class WallClock:
-    """The run's wall-time budget, keeping back time for the final evaluation of every split."""
-
-    def __init__(self, limit_s: float, final_structures: int):
-        self.start = time.time()
-        self.limit_s = limit_s
-        self.final_structures = final_structures
-        self.final_eval_s = 0.0
-        self.measured = False
-        self.intervals = 0
-        self.last_save = self.start
-
-    def train_speed(self, structures_per_s: float) -> None:
-        """Estimates the final evaluation from the training speed of a log interval, until an
-        evaluation speed is measured. The run's first interval is not used: it includes the
-        compilations, which made a 95-minute budget stop before the first epoch on a busy
-        machine."""
-        self.intervals += 1
-        if not self.measured and self.intervals > 1:
-            self.final_eval_s = (FINAL_EVAL_MARGIN * self.final_structures
-                                 / (FORWARD_FRACTION_OF_STEP * max(structures_per_s, 1e-9)) + FINAL_EVAL_OVERHEAD_S)
-
-    def eval_speed(self, structures_per_s: float) -> None:
-        """Sets the final evaluation time from a measured evaluation speed."""
-        self.final_eval_s = FINAL_EVAL_MARGIN * self.final_structures / max(structures_per_s, 1e-9) + FINAL_EVAL_OVERHEAD_S
-        self.measured = True
-
-    def saved(self) -> None:
-        """A checkpoint was just written."""
-        self.last_save = time.time()
-
-    def checkpoint_due(self, every_minutes: float) -> bool:
-        """Whether ``every_minutes`` have passed since the last checkpoint (or the start)."""
-        return every_minutes > 0 and time.time() - self.last_save >= 60.0 * every_minutes
-
-    def out_of_time(self) -> bool:
-        return bool(self.limit_s) and time.time() - self.start + self.final_eval_s > self.limit_s
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
 
 
 def report_missing_targets(plan: BatchPlan, split: str) -> int:
@@ -600,11 +225,11 @@ def _best_tree(state: TrainState) -> dict[str, Any]:
             "target_std": state.target_std}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets: Datasets | None = None
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Datasets | None = None
                        ) -> dict[str, Any]:
     """Trains one model as ``config`` says, resuming from ``workdir`` if it holds a checkpoint.
 
-    ``datasets`` replaces ``get_datasets(config)`` (tests, or data already in memory). A
+    ``data`` replaces ``get_datasets(config)`` (tests, or data already in memory). A
     multi-process run must have called ``parallel.initialize_distributed`` first (``main.py``
     does).
 
@@ -635,56 +260,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, datasets
         if jax.process_count() == 1 and not checkpoints.has_checkpoint(workdir_path):
             checkpoints.archive_earlier_run(workdir_path)
         with StopSignals() as stop_signals:
-            return _train(config, config_dict, workdir_path, datasets, stop_signals)
+            return _train(config, config_dict, workdir_path, data, stop_signals)
     finally:
         if lock is not None:
             lock.release()
 
 
-class StopSignals:
-    """Turns SIGTERM and SIGINT into a request to checkpoint and stop (inside the ``with`` block;
-    the previous handlers come back afterwards). Only the main thread can install handlers;
-    elsewhere this does nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _agreed(*flags: bool) -> list[bool]:
-    """Host-side flags OR-ed over all processes (every process takes the same branch)."""
-    values = np.array(flags, np.int32)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(flags)).max(0)
-    return [bool(v) for v in values]
 
 
 def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workdir_path: Path,
-           datasets: Datasets | None, stop_signals: StopSignals) -> dict[str, Any]:
+           data: Datasets | None, stop_signals: StopSignals) -> dict[str, Any]:
     """The body of `train_and_evaluate`, once the workdir is locked and checked."""
     from tqdm import tqdm
 
     run = RunSettings.from_config(config)
     log.info("devices: %d (%d local) %s", jax.device_count(), jax.local_device_count(), jax.devices()[0].platform)
-    trainer = setup(config, datasets)
+    trainer = setup(config, data)
     mesh, data, train_plan, plans, steps = trainer.mesh, trainer.data, trainer.train_plan, trainer.eval_plans, trainer.steps
     state = trainer.state
     for name, plan in plans.items():
@@ -761,7 +352,7 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
             step_due = bool(run.checkpoint_every_steps) and loop.batch_index % run.checkpoint_every_steps == 0
             signalled = time_due = False
             if loop.batch_index % run.log_every_steps == 0 or step_due:
-                signalled, time_due = _agreed(stop_signals.received is not None,
+                signalled, time_due = agreed(stop_signals.received is not None,
                                               clock.checkpoint_due(run.checkpoint_every_minutes))
             if signalled:
                 name = signal.Signals(stop_signals.received or signal.SIGTERM).name
@@ -860,3 +451,4 @@ def _final_evaluation(run: RunSettings, workdir: Path, ckpt: checkpoints.Checkpo
         reporting.plot_parity(workdir / reporting.PARITY_PLOT, predictions, targets, run.units, run.target)
         reporting.plot_learning_curves(workdir / reporting.CURVES_PLOT, writer.read(), run.units, run.target)
     return results
+

@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     data = train.get_datasets(config)
     from scannet_jax.datasets import qm9
     molecules = qm9.read_qm9(limit=config.data.limit)
-    results = train.train_and_evaluate(config, str(workdir), datasets=data)
+    results = train.train_and_evaluate(config, str(workdir), data=data)
     test_atoms = []
     for s in data.test.index:
         structure = molecules.structure(int(s))

@@ -27,7 +27,7 @@ def gap_run(tmp_path_factory):
     config.checkpoint_every_steps = 0
     data = train.get_datasets(config)
     workdir = tmp_path_factory.mktemp("mp_gap")
-    results = train.train_and_evaluate(config, str(workdir), datasets=data)
+    results = train.train_and_evaluate(config, str(workdir), data=data)
     return config, data, workdir, results
 
 

@@ -69,13 +69,14 @@ def one_step(out: str) -> None:
     import jax
 
     from scannet_jax import parallel, train
+    from scannet_jax.datasets.splits import make_datasets
 
     config = tiny_config()
     config.batch_size = config.eval_batch_size = 28
     config.num_buckets = 1
     store = fixture_store()
     everything = np.arange(len(store))
-    data = train.make_datasets(store, {"train": everything, "validation": everything, "test": everything}, "y")
+    data = make_datasets(store, {"train": everything, "validation": everything, "test": everything}, "y")
     trainer = train.setup(config, data)
     state, mesh = trainer.state, trainer.mesh
     initial = {f"init/{jax.tree_util.keystr(k)}": np.asarray(v)

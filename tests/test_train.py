@@ -29,7 +29,7 @@ REPO = test_parallel.REPO
 
 def fixture_datasets(nan_target_at: int | None = None):
     """20 / 4 / 4 structures of the fixture store (structure 3 has a NaN target)."""
-    from scannet_jax import train
+    from scannet_jax.datasets.splits import make_datasets
 
     store = test_parallel.fixture_store()
     y = store.targets["y"]
@@ -37,8 +37,8 @@ def fixture_datasets(nan_target_at: int | None = None):
         y[nan_target_at] = np.nan
     train_idx = np.arange(20)
     finite = y[train_idx][np.isfinite(y[train_idx])]
-    data = train.make_datasets(store, {"train": train_idx, "validation": np.arange(20, 24),
-                                       "test": np.arange(24, 28)}, "y")
+    data = make_datasets(store, {"train": train_idx, "validation": np.arange(20, 24),
+                                 "test": np.arange(24, 28)}, "y")
     assert (data.mean, data.std) == (float(finite.mean()), float(finite.std()))
     return data
 
@@ -353,7 +353,7 @@ if __name__ == "__main__":
     parallel.initialize_distributed()  # from JAX_* variables, as main.py does from the config
     dropout = 0.0 if args.no_dropout else 0.1
     config = fixture_config(num_epochs=args.epochs, **{"model.embed_dropout": dropout, "model.ffn_dropout": dropout})
-    train.train_and_evaluate(config, args.workdir, datasets=fixture_datasets())
+    train.train_and_evaluate(config, args.workdir, data=fixture_datasets())
 
 
 def test_config_variants_and_errors():
@@ -423,7 +423,7 @@ def test_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
     lock = checkpoints.WorkdirLock(tmp_path)
     try:
         with pytest.raises(checkpoints.WorkdirBusyError, match=rf"in use by another training run \(PID {os.getpid()} on host"):
-            train.train_and_evaluate(fixture_config(), str(tmp_path), datasets=fixture_datasets())
+            train.train_and_evaluate(fixture_config(), str(tmp_path), data=fixture_datasets())
     finally:
         lock.release()
     assert not (tmp_path / "config.json").exists()
@@ -440,7 +440,7 @@ def test_fresh_run_moves_an_earlier_runs_outputs_aside(fixture_run, tmp_path):
     shutil.copytree(fixture_run[0], workdir)
     shutil.rmtree(workdir / "checkpoints")
     old_metrics = (workdir / "metrics.jsonl").read_text()
-    results = train.train_and_evaluate(fixture_config(num_epochs=1), str(workdir), datasets=fixture_datasets())
+    results = train.train_and_evaluate(fixture_config(num_epochs=1), str(workdir), data=fixture_datasets())
     assert results["best_epoch"] == 0 and results["epochs_run"] == 1
     epochs = [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if "val_mae" in line]
