@@ -105,8 +105,10 @@ def worst_case_bucket(store: GraphStore, indices: np.ndarray, batch_size: int, r
     """
     k = min(batch_size, len(indices))
     pad = padding_rows(store)
-    size = {name: int(_round_up(max(np.sort(store.counts(name)[indices])[::-1][:k].sum() + pad[name], 1), round_to))
-            for name in _sets(store)}
+    size = {}
+    for name in _sets(store):
+        largest = np.sort(store.counts(name)[indices])[::-1][:k].sum()
+        size[name] = int(_round_up(max(largest + pad[name], 1), round_to))
     return Bucket(size["nodes"], size["edges"], batch_size + 1, tuple((n, size[n]) for n in sorted(store.extras)))
 
 
@@ -182,7 +184,7 @@ def choose_buckets(
       batch_size: structures per batch.
       max_buckets: number of shapes, >= 1 (the worst-case bucket included).
       num_sample_batches: simulated batches used to place the thresholds.
-      round_to: node and edge budgets are rounded up to a multiple of this.
+      round_to: every budget but n_graph is rounded up to a multiple of this.
       seed: seed of the simulation (the result is deterministic).
 
     Returns:
