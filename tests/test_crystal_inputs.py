@@ -5,6 +5,7 @@ result; the other structures of the same file are still predicted."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -106,6 +107,10 @@ def test_cif_partial_occupancy_is_refused_naming_file_block_and_site(tmp_path):
         "occupancy (a disordered structure) is not supported; give an ordered structure, e.g. a supercell "
         "with every site filled")
     assert frames[2].get_chemical_formula() == "Fe2"  # 0.9999 is within OCCUPANCY_TOLERANCE of 1
+    packed = tmp_path / "three.cif.gz"  # compressed as ase.io.read reads it
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    unpacked = list(xyz.iread_frames(packed))
+    assert unpacked[1].reason == frames[1].reason and unpacked[2].get_chemical_formula() == "Fe2"
     # the training reader refuses the file with the same message
     with pytest.raises(xyz.FrameError, match=r"three.cif: frame 1 \(0-based\): data block 'disordered': site Cl1"):
         xyz.read_ase(path, ["e_form"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import ase.io
 import ase.io.cif
 import numpy as np
 from ase.data import atomic_numbers
-from ase.io.formats import filetype
+from ase.io.formats import filetype, open_with_compression
 
 from scannet_jax.structures import Structure, molecule
 
@@ -384,7 +385,9 @@ def _iread_cif(path: PathLike) -> Iterator[ase.Atoms | FrameError]:
     """The data blocks of a CIF holding a structure, each read on its own (``ase.io.iread``
     gives up on the whole file at its first bad block), with the block's tags in
     ``atoms.info`` (so that a tag such as ``_dft_energy`` can be a target)."""
-    blocks = ase.io.cif.parse_cif(str(path))
+    with open_with_compression(str(path), "rb") as stream:  # .gz, .bz2, .xz as ase.io.read
+        text = stream.read()
+    blocks = ase.io.cif.parse_cif(io.BytesIO(text))
     frame = 0
     while True:
         try:
