@@ -39,6 +39,16 @@ TIE_TOLERANCE = 1e-9  # sr for Ω, 1 for ρ, Å for d
 # first; it is then handled in its plane (on its line). Ω moves by O(_FLAT) sr across the switch.
 _FLAT = 1e-10
 _CHECK_TOLERANCE = 1e-9  # sr, the per-cell 4π check (`_check_cells`)
+# Memory (docs/neighbors.md, "Memory"): a cell whose every-site list (all atoms of a molecule, every
+# image within D of a crystal's atom) has at most _EXHAUSTIVE points uses it, as version 4 did
+# (same bits); larger structures build each cell from a certified candidate list (`_certified_cell`).
+# Cells are processed _BATCH_POINTS dual points at a time, so temporaries do not grow with N².
+_EXHAUSTIVE = 256
+_FIRST_CANDIDATES = 48  # a certified list starts from the sites within the distance of this many
+_BATCH_POINTS = 1 << 16
+_VERTEX_MARGIN = 1e-9  # relative: a cell vertex's ball is searched this much larger
+_CONE_TOLERANCE = 1e-12  # relative: a site this close to a recession face's plane is on it
+_MAX_ROUNDS = 8  # rounds of adding candidates before a cell falls back to every site
 
 
 class Neighbors(NamedTuple):
@@ -231,8 +241,10 @@ def _exact_molecule(numbers: np.ndarray, positions: np.ndarray) -> Facets:
     Coordinates are taken in the molecule's principal axes: a molecule planar or linear to
     `_FLAT` (relative singular values of its centred coordinates) is handled in its plane or on
     its line, and the singular values whiten the hulls whose faces Qhull finds (their angles are
-    measured unscaled; `_cone_solid_angles`). Each cell is checked against the molecule's own
-    convex hull (`_check_cells`).
+    measured unscaled; `_cone_solid_angles`). Each cell's hull is built from every atom when the
+    molecule has at most `_EXHAUSTIVE` atoms or is flat (in batches of rows, `_BATCH_POINTS`
+    dual points at a time), otherwise from a certified candidate list (`_certified_cell`). Each
+    cell is checked against the molecule's own convex hull (`_check_cells`).
     """
     n = len(positions)
     if n == 1:
@@ -241,40 +253,234 @@ def _exact_molecule(numbers: np.ndarray, positions: np.ndarray) -> Facets:
     _, sigma, axes = np.linalg.svd(rel, full_matrices=False)
     dim = int((sigma > _FLAT * sigma[0]).sum())
     coords = rel @ axes[:dim].T  # [N, dim], principal axes
-    offset = coords[None, :, :] - coords[:, None, :]  # [N, N, dim], r_k - r_i
-    square = np.einsum("ikd,ikd->ik", offset, offset)
-    np.fill_diagonal(square, 1.0)
-    dual = 2 * offset / square[..., None]  # dual[i, i] = 0: the centre is the origin of its polytope
-    omega = _cone_solid_angles(dual.reshape(n * n, dim), np.arange(0, n * n + 1, n), sigma[:dim]).reshape(n, n)
-    at_infinity = _cone_solid_angles(coords, np.array([0, n]), sigma[:dim])  # the recession cone of every cell
-    _check_cells(numbers, omega.sum(axis=1) - omega.diagonal(), omega.diagonal(), at_infinity)
-    i, j = np.nonzero(omega >= ZERO_FACET)
-    off = i != j
-    i, j = i[off], j[off]
-    return Facets(i.astype(np.int64), j.astype(np.int64), np.zeros((len(i), 3), np.int64), omega[i, j])
+    scale = sigma[:dim]
+    at_infinity = _cone_solid_angles(coords, np.array([0, n]), scale)  # the recession cone of every cell
+    if dim == 3 and n > _EXHAUSTIVE:
+        center, member, omega = _certified_molecule_cells(coords, scale)
+        itself = member == center
+        _check_cells(numbers, np.bincount(center[~itself], omega[~itself], n), omega[itself], at_infinity)
+        keep = ~itself & (omega >= ZERO_FACET)
+        return Facets(center[keep], member[keep], np.zeros((int(keep.sum()), 3), np.int64), omega[keep])
+    rows = max(1, _BATCH_POINTS // n)
+    facets, origin, parts = np.zeros(n), np.zeros(n), []
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        offset = coords[None, :, :] - coords[start:stop, None, :]  # [B, N, dim], r_k - r_i
+        square = np.einsum("ikd,ikd->ik", offset, offset)
+        square[np.arange(stop - start), np.arange(start, stop)] = 1.0
+        dual = 2 * offset / square[..., None]  # dual[i, i] = 0: the centre is the origin of its polytope
+        block = _cone_solid_angles(dual.reshape(-1, dim), np.arange(0, (stop - start) * n + 1, n),
+                                   scale).reshape(stop - start, n)
+        origin[start:stop] = block[np.arange(stop - start), np.arange(start, stop)]
+        facets[start:stop] = block.sum(axis=1) - origin[start:stop]
+        i, j = np.nonzero(block >= ZERO_FACET)
+        i += start
+        off = i != j
+        parts.append((i[off], j[off], block[i[off] - start, j[off]]))
+    _check_cells(numbers, facets, origin, at_infinity)
+    i, j, omega = (np.concatenate(x) for x in zip(*parts))
+    return Facets(i.astype(np.int64), j.astype(np.int64), np.zeros((len(i), 3), np.int64), omega)
+
+
+def _certified_molecule_cells(coords: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normal-cone solid angles of every cell of a 3-D molecule from certified candidate lists.
+
+    Each cell starts from the atoms within the distance of its `_FIRST_CANDIDATES`-th nearest
+    atom; `_certified_cell` adds atoms until no atom outside the list can change the dual hull,
+    or falls back to every atom. The molecule's hull vertices generate the cone that holds every
+    r_k - r_i, which the cells on its surface need (their recession cones).
+
+    Args:
+      coords: [N, 3] principal-axis coordinates, Å; scale: [3] their singular values.
+
+    Returns:
+      centre [C], member [C] (atom indices, sorted by centre then member) and Ω [C] in sr, over
+      every cell's candidates (the centre itself included: Ω there is the cell's recession cone).
+    """
+    from scipy.spatial import cKDTree
+
+    n = len(coords)
+    tree = cKDTree(coords)
+    first = tree.query(coords, min(_FIRST_CANDIDATES, n))[0][:, -1]  # [N] Å
+    surface = ConvexHull(coords / scale).vertices
+    batch = _DefectBatch()
+    for i in range(n):
+        cone = surface[surface != i]
+        cell = _certified_cell(coords, tree, i, float(first[i]), np.inf, scale, coords[cone] - coords[i], cone)
+        if cell is None:
+            members = np.arange(n)
+            dual = _molecule_dual(coords, i, members)
+            cell = members, dual, ConvexHull(dual / scale, qhull_options="Qt").simplices
+        batch.add(i, *cell)
+    return batch.result()
+
+
+def _molecule_dual(coords: np.ndarray, i: int, members: np.ndarray) -> np.ndarray:
+    """[M, 3] polar dual points 2 (r_k - r_i) / |r_k - r_i|^2 of the members of i's cell (i -> 0),
+    with the rounding of the every-atom path (einsum) so that a full list gives the same bits."""
+    offset = coords[members] - coords[i]
+    square = np.einsum("kd,kd->k", offset, offset)
+    square[members == i] = 1.0
+    return 2 * offset / square[:, None]
+
+
+def _crystal_dual(points: np.ndarray, i: int, members: np.ndarray) -> np.ndarray:
+    """[M, 3] polar dual points of the members (indices into points) of home atom i's cell (i -> 0)."""
+    offset = points[members] - points[i]
+    square = _dot(offset, offset)
+    square[members == i] = 1.0
+    return 2 * offset / square[:, None]
+
+
+def _certified_cell(sites: np.ndarray, tree: Any, i: int, radius: float, complete: float, scale: np.ndarray | None,
+                    cone_directions: np.ndarray | None, cone_sites: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The dual hull of site i's cell from a candidate list that provably changes nothing.
+
+    Candidates C: the sites within `radius` of r_i plus those added in earlier rounds. With H the
+    hull of C's dual points, the hull of ALL dual points is H exactly when every other site's
+    a_k lies in H. A face of H at distance δ > 0 from the origin is the cell vertex w = n̂/δ
+    (relative to r_i), and a_k crosses it iff a_k·w > 1, i.e. iff r_k lies inside the ball
+    about r_i + w through r_i: that ball is searched in the KD-tree (unless it lies within
+    `radius` of r_i, where every site is a candidate already). A face through the origin (δ = 0,
+    the cell unbounded) is crossed iff n̂·(r_k - r_i) > 0; every r_k - r_i is a non-negative
+    combination of `cone_directions` (r_v - r_i over the molecule's hull vertices v), so those are
+    tested. Sites found are added and the hull rebuilt, until none is found.
+
+    Args:
+      sites: [P, 3] positions, Å (a crystal's images, home atoms first); tree: cKDTree of sites.
+      i: index of the centre in sites. radius: first candidate radius, Å. complete: the tree holds
+        every site within this distance of r_i (inf for a molecule), Å.
+      scale: [3] per-axis spread for Qhull's combinatorics (molecules) or None (crystals).
+      cone_directions: [V, 3] generators of the cone of all r_k - r_i, Å, with cone_sites [V]
+        their site indices; None for a crystal (its cells are bounded: a face through the origin
+        only means too few candidates, so the radius doubles).
+
+    Returns:
+      (members [M] sorted site indices, dual points [M, 3], hull triangles [T, 3] into them), or
+      None when the certificate needs sites beyond `complete`, a candidate is itself on the wrong
+      side of a recession face (rounding on a flat surface), or after `_MAX_ROUNDS` rounds.
+    """
+    center = sites[i]
+    extra = np.zeros(0, np.int64)
+    dual_of = _crystal_dual if cone_directions is None else _molecule_dual
+    for _ in range(_MAX_ROUNDS):
+        members = np.union1d(np.asarray(tree.query_ball_point(center, radius), np.int64), extra)
+        dual = dual_of(sites, i, members)
+        hull = ConvexHull(dual if scale is None else dual / scale, qhull_options="Qt")
+        normal, offset = hull.equations[:, :3], hull.equations[:, 3]
+        if scale is not None:  # the plane m·(p / s) + e = 0 is (m / s)·p + e = 0
+            normal = normal / scale
+        length = np.linalg.norm(normal, axis=1)
+        unit, delta = normal / length[:, None], -offset / length
+        self_row = int(np.searchsorted(members, i))
+        at_origin = (hull.simplices == self_row).any(axis=1) | (delta <= 1e-12 * np.abs(dual).max())
+        found = []
+        if at_origin.any():
+            if cone_directions is None:
+                radius *= 2
+                if radius > complete:
+                    return None
+                continue
+            side = cone_directions @ unit[at_origin].T  # [V, F0]
+            crossing = (side > _CONE_TOLERANCE * np.linalg.norm(cone_directions, axis=1)[:, None]).any(axis=1)
+            if np.isin(cone_sites[crossing], members).any():
+                return None
+            found.append(cone_sites[crossing])
+        reach = 1 / delta[~at_origin] * (1 + _VERTEX_MARGIN)  # [F] radius of each vertex ball, Å
+        outside = 2 * reach > radius
+        if outside.any():
+            if 2 * reach[outside].max() > complete:
+                return None
+            vertices = center + unit[~at_origin][outside] / delta[~at_origin][outside, None]
+            hits = tree.query_ball_point(vertices, reach[outside])
+            found.append(np.fromiter((k for h in hits for k in h), np.int64))
+        new = np.setdiff1d(np.concatenate(found) if found else extra[:0], members)
+        if not len(new):
+            return members, dual, hull.simplices
+        extra = np.union1d(extra, new)
+    return None
+
+
+class _DefectBatch:
+    """Cells' dual points and hull triangles, gathered until `_BATCH_POINTS` points, then their
+    normal-cone solid angles (`_angular_defects`) in one vectorised pass."""
+
+    def __init__(self) -> None:
+        self._cells: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._size = 0
+        self._done: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, center: int, members: np.ndarray, dual: np.ndarray, triangles: np.ndarray) -> None:
+        """One cell: its centre, members [M], dual points [M, 3] and triangles [T, 3] into them."""
+        self._cells.append((center, members, dual, triangles))
+        self._size += len(members)
+        if self._size >= _BATCH_POINTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._cells:
+            return
+        sizes = np.array([len(c[1]) for c in self._cells])
+        starts = np.cumsum(sizes) - sizes
+        tri = np.concatenate([c[3] + s for c, s in zip(self._cells, starts)])
+        omega = _angular_defects(np.concatenate([c[2] for c in self._cells]), tri)
+        self._done.append((np.repeat([c[0] for c in self._cells], sizes).astype(np.int64),
+                           np.concatenate([c[1] for c in self._cells]).astype(np.int64), omega))
+        self._cells, self._size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """centre [C], member [C], Ω [C] sr, in the order the cells were added."""
+        self._flush()
+        return tuple(np.concatenate(x) for x in zip(*self._done))
 
 
 def _exact_crystal(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> Facets:
-    """Facets of the cells of the periodic structure (see `_crystal_points` for exactness)."""
-    points, atom_of, shifts, reach = _crystal_points(positions, cell)
-    groups, members = [], []
-    for i in range(len(positions)):
-        offset = points - positions[i]
-        square = _dot(offset, offset)
-        near = np.flatnonzero(square <= reach**2)  # i itself (offset 0) included: the origin
-        square[i] = 1.0
-        groups.append(2 * offset[near] / square[near, None])
-        members.append(near)
-    sizes = np.array([len(m) for m in members])
-    omega = _cone_solid_angles(np.concatenate(groups), np.concatenate([[0], np.cumsum(sizes)]))
-    member = np.concatenate(members)
-    center = np.repeat(np.arange(len(positions)), sizes)
-    itself = member == center
-    _check_cells(numbers, np.bincount(center[~itself], omega[~itself], len(positions)), omega[itself],
-                 np.zeros(len(positions)))
+    """Facets of the cells of the periodic structure (see `_crystal_points` for exactness).
+
+    When the ball of radius D (`_crystal_points`) holds at most `_EXHAUSTIVE` sites per atom (on
+    average), each cell's hull is built from all of them; otherwise from certified candidate
+    lists (`_certified_cell`) among the images within U <= D of the home atoms, U doubling (up to
+    D, where the exhaustive list is used) when a cell needs more. Cells go `_BATCH_POINTS` dual
+    points at a time.
+    """
+    from scipy.spatial import cKDTree
+
+    n = len(positions)
+    volume = abs(np.linalg.det(cell))
+    reach = _crystal_reach(cell)
+    spacing = (3 * volume / (4 * np.pi * n)) ** (1 / 3)  # Å: a ball of radius r holds ~ (r / spacing)^3 sites
+    exhaustive = (reach / spacing) ** 3 <= _EXHAUSTIVE
+    first = spacing * _FIRST_CANDIDATES ** (1 / 3)
+    union = reach if exhaustive else min(reach, 3 * first)
+    points, atom_of, shifts = _crystal_points(positions, cell, union)
+    tree = None if exhaustive else cKDTree(points)
+    groups = []
+    batch = _DefectBatch()
+    for i in range(n):
+        while True:
+            cell_i = None if exhaustive else _certified_cell(points, tree, i, first, union, None, None, None)
+            if cell_i is not None or exhaustive or union >= reach:
+                break
+            union = min(reach, 2 * union)
+            points, atom_of, shifts = _crystal_points(positions, cell, union)
+            tree = cKDTree(points)
+        if cell_i is None:  # every image within D: exact
+            offset = points - positions[i]
+            square = _dot(offset, offset)
+            near = np.flatnonzero(square <= reach**2)  # i itself (offset 0) included: the origin
+            square[i] = 1.0
+            dual = 2 * offset[near] / square[near, None]
+            cell_i = near, dual, ConvexHull(dual, qhull_options="Qt").simplices
+        batch.add(i, *cell_i)
+        groups.append((atom_of[cell_i[0]], shifts[cell_i[0]]))  # a larger union renumbers the points
+    center, _, omega = batch.result()
+    sites = np.concatenate([g[0] for g in groups])
+    images = np.concatenate([g[1] for g in groups])
+    itself = (sites == center) & ~images.any(axis=1)
+    _check_cells(numbers, np.bincount(center[~itself], omega[~itself], n), omega[itself], np.zeros(n))
     keep = ~itself & (omega >= ZERO_FACET)
-    return Facets(center[keep].astype(np.int64), atom_of[member[keep]].astype(np.int64),
-                  shifts[member[keep]].astype(np.int64), omega[keep])
+    return Facets(center[keep], sites[keep].astype(np.int64), images[keep].astype(np.int64), omega[keep])
 
 
 def _no_facets() -> Facets:
@@ -314,17 +520,7 @@ def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray, scale: np.ndarray
         corners = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             corners.append(ConvexHull(round_points[start:stop], qhull_options="Qt").simplices + start)
-        tri = np.concatenate(corners)  # [T, 3]
-        angle = np.zeros(tri.shape)
-        for c in range(3):
-            origin = points[tri[:, c]]
-            u, v = points[tri[:, (c + 1) % 3]] - origin, points[tri[:, (c + 2) % 3]] - origin
-            angle[:, c] = np.arctan2(np.linalg.norm(_cross(u, v), axis=1), _dot(u, v))
-        vertex = np.zeros(len(points), bool)
-        vertex[tri.ravel()] = True
-        total = np.bincount(tri.ravel(), angle.ravel(), len(points))
-        omega[vertex] = 2 * np.pi - total[vertex]
-        return omega
+        return _angular_defects(points, np.concatenate(corners))
     for start, stop in zip(bounds[:-1], bounds[1:]):
         group = points[start:stop]
         if stop - start == 1:
@@ -337,6 +533,29 @@ def _cone_solid_angles(points: np.ndarray, bounds: np.ndarray, scale: np.ndarray
             before = np.roll(edge, 1, axis=0)
             turn = np.arctan2(before[:, 0] * edge[:, 1] - before[:, 1] * edge[:, 0], (before * edge).sum(axis=1))
             omega[start + ring] = 2 * turn
+    return omega
+
+
+def _angular_defects(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """2π minus the sum of the face angles at each point of triangulated 3-D hulls.
+
+    Args:
+      points: [P, 3]; triangles: [T, 3] indices into points (the hulls' triangles, any orientation).
+
+    Returns:
+      [P] normal-cone solid angles in sr (0 at points on no triangle). A point's angles are
+      summed in the order of `triangles`, so a cell gives the same bits alone or in a batch.
+    """
+    omega = np.zeros(len(points))
+    angle = np.zeros(triangles.shape)
+    for c in range(3):
+        origin = points[triangles[:, c]]
+        u, v = points[triangles[:, (c + 1) % 3]] - origin, points[triangles[:, (c + 2) % 3]] - origin
+        angle[:, c] = np.arctan2(np.linalg.norm(_cross(u, v), axis=1), _dot(u, v))
+    vertex = np.zeros(len(points), bool)
+    vertex[triangles.ravel()] = True
+    total = np.bincount(triangles.ravel(), angle.ravel(), len(points))
+    omega[vertex] = 2 * np.pi - total[vertex]
     return omega
 
 
@@ -364,40 +583,55 @@ def _check_cells(numbers: np.ndarray, facets: np.ndarray, origin: np.ndarray, at
                          f"{at_infinity[i]:.12g} sr; the dual hull's cone at infinity {origin[i]:.12g} sr)")
 
 
-def _crystal_points(positions: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Home atoms followed by every periodic image within D of some home atom.
-
-    D is the longest body diagonal max|±a ± b ± c| of the Minkowski-reduced cell. Every point x
-    has a lattice translate within D/2 of it, so the cell of atom i lies in the ball of radius D/2
-    about r_i, and an atom k can only bound it if |r_k - r_i| <= D (the bisector of i and k must
-    meet that ball). Walking from r_i to any point outside the true cell crosses a facet whose
-    atom is within D, so the Voronoi cell of i among these points IS the cell of the infinite
-    crystal (exact, not approximate).
-
-    Returns:
-      points [P, 3] (first N are the home atoms), atom_of [P] (site index), shifts [P, 3]
-      (lattice offsets in the given cell), and D (Å, with a rounding margin).
-    """
+def _crystal_reach(cell: np.ndarray) -> float:
+    """D, Å: the longest body diagonal max|±a ± b ± c| of the Minkowski-reduced cell (with a
+    rounding margin). Every point has a lattice translate within D/2 of it, so the cell of atom
+    i lies in the ball of radius D/2 about r_i, and an atom k can only bound it if
+    |r_k - r_i| <= D (the bisector of i and k must meet that ball)."""
     from ase.geometry import minkowski_reduce
 
-    reduced, op = minkowski_reduce(cell)
+    reduced, _ = minkowski_reduce(cell)
     corners = np.array([[1, 1, 1], [-1, 1, 1], [1, -1, 1], [1, 1, -1]], float) @ reduced
-    reach = np.linalg.norm(corners, axis=1).max() * (1 + 1e-9) + 1e-9
+    return float(np.linalg.norm(corners, axis=1).max() * (1 + 1e-9) + 1e-9)
+
+
+def _crystal_points(positions: np.ndarray, cell: np.ndarray, radius: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Home atoms followed by every periodic image within `radius` of some home atom.
+
+    With radius = D (`_crystal_reach`) the Voronoi cell of i among these points IS the cell of
+    the infinite crystal (exact, not approximate): walking from r_i to any point outside the true
+    cell crosses a facet whose atom is within D. Images are generated one lattice translation at
+    a time and kept through a KD-tree of the home atoms (a margin of 1e-12 makes the set a
+    superset of the images within `radius` under any rounding), so memory is linear in the atoms.
+
+    Returns:
+      points [P, 3] (first N are the home atoms, then by translation |n|_1 and atom), atom_of [P]
+      (site index), shifts [P, 3] (lattice offsets in the given cell).
+    """
+    from ase.geometry import minkowski_reduce
+    from scipy.spatial import cKDTree
+
+    n = len(positions)
+    reduced, op = minkowski_reduce(cell)
     inverse = np.linalg.inv(reduced)
     frac = positions @ inverse
     spread = frac.max(axis=0) - frac.min(axis=0)
-    # |n_k| <= reach * |column k of inverse| + spread_k for any image within reach of a home atom.
-    bound = np.ceil(reach * np.linalg.norm(inverse, axis=0) + spread).astype(int)
+    # |n_k| <= radius * |column k of inverse| + spread_k for any image within radius of a home atom.
+    bound = np.ceil(radius * np.linalg.norm(inverse, axis=0) + spread).astype(int)
     grid = np.stack(np.meshgrid(*[np.arange(-b, b + 1) for b in bound], indexing="ij"), -1).reshape(-1, 3)
     grid = grid[np.abs(grid).sum(1).argsort(kind="stable")]  # (0, 0, 0) first
-    images = positions[None, :, :] + (grid @ reduced)[:, None, :]  # [G, N, 3]
-    flat = images.reshape(-1, 3)
-    dist2 = ((flat[:, None, :] - positions[None, :, :]) ** 2).sum(-1).min(axis=1)
-    keep = dist2 <= reach**2
-    keep[: len(positions)] = True
-    atom_of = np.tile(np.arange(len(positions)), len(grid))[keep]
-    shifts = np.repeat(grid @ op, len(positions), axis=0)[keep].astype(np.int64)
-    return flat[keep], atom_of, shifts, reach
+    translations = grid @ reduced
+    home = cKDTree(positions)
+    step = max(1, _BATCH_POINTS // n)  # translations per block
+    kept, index = [positions], [np.arange(n)]
+    for start in range(1, len(grid), step):
+        images = (positions[None, :, :] + translations[start:start + step, None, :]).reshape(-1, 3)
+        near = np.flatnonzero(np.isfinite(home.query(images, distance_upper_bound=radius * (1 + 1e-12) + 1e-12)[0]))
+        kept.append(images[near])
+        index.append(near + start * n)  # translation k, atom a at k * n + a
+    index = np.concatenate(index)
+    return np.concatenate(kept), index % n, (grid @ op)[index // n].astype(np.int64)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
