@@ -168,7 +168,7 @@ def fixture_run(tmp_path_factory):
     logging.getLogger().addHandler(handler)
     try:
         results = train.train_and_evaluate(fixture_config(num_epochs=4, checkpoint_every_steps=0), str(workdir),
-                                           datasets=fixture_datasets(nan_target_at=3))
+                                           data=fixture_datasets(nan_target_at=3))
     finally:
         logging.getLogger().removeHandler(handler)
     return workdir, results, "\n".join(r.getMessage() for r in records)
@@ -411,7 +411,7 @@ def test_incompatible_run_is_refused_before_anything_is_written(fixture_run, tmp
     with pytest.raises(checkpoints.CheckpointError, match=r"incompatible config \(data.featurizer.cutoff: 4.0 -> 6.0\)"
                                                           r".*nothing in it was changed"):
         train.train_and_evaluate(fixture_config(**{"data.featurizer.cutoff": 6.0}), str(workdir),
-                                 datasets=fixture_datasets())
+                                 data=fixture_datasets())
     assert {p: p.read_bytes() for p in workdir.glob("*.json")} == before
 
 
