@@ -49,6 +49,7 @@ _BATCH_POINTS = 1 << 16
 _VERTEX_MARGIN = 1e-9  # relative: a cell vertex's ball is searched this much larger
 _CONE_TOLERANCE = 1e-12  # relative: a site this close to a recession face's plane is on it
 _MAX_ROUNDS = 8  # rounds of adding candidates before a cell falls back to every site
+_THIN = 1e-6  # relative thickness below which a candidate list is too flat for its hull (radius doubles)
 
 
 class Neighbors(NamedTuple):
@@ -359,7 +360,8 @@ def _certified_cell(sites: np.ndarray, tree: Any, i: int, radius: float, complet
     Returns:
       (members [M] sorted site indices, dual points [M, 3], hull triangles [T, 3] into them), or
       None when the certificate needs sites beyond `complete`, a candidate is itself on the wrong
-      side of a recession face (rounding on a flat surface), or after `_MAX_ROUNDS` rounds.
+      side of a recession face (rounding on a flat surface), or after `_MAX_ROUNDS` rounds (a
+      round whose candidates are flat to `_THIN`, as in a planar patch, doubles the radius).
     """
     center = sites[i]
     extra = np.zeros(0, np.int64)
@@ -367,7 +369,14 @@ def _certified_cell(sites: np.ndarray, tree: Any, i: int, radius: float, complet
     for _ in range(_MAX_ROUNDS):
         members = np.union1d(np.asarray(tree.query_ball_point(center, radius), np.int64), extra)
         dual = dual_of(sites, i, members)
-        hull = ConvexHull(dual if scale is None else dual / scale, qhull_options="Qt")
+        shape = dual if scale is None else dual / scale
+        spread = np.linalg.svd(shape - shape.mean(axis=0), compute_uv=False)
+        if spread[-1] <= _THIN * spread[0]:  # flat candidates (a planar patch): Qhull fails or errs
+            radius *= 2
+            if radius > complete:
+                return None
+            continue
+        hull = ConvexHull(shape, qhull_options="Qt")
         normal, offset = hull.equations[:, :3], hull.equations[:, 3]
         if scale is not None:  # the plane m·(p / s) + e = 0 is (m / s)·p + e = 0
             normal = normal / scale

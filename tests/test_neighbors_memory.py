@@ -81,9 +81,16 @@ def _cubic_cluster() -> tuple[np.ndarray, np.ndarray]:
     return np.full(len(grid), 6), grid  # 343 atoms, flat faces, co-spherical everywhere
 
 
+def _sheet_with_adatom() -> tuple[np.ndarray, np.ndarray]:
+    sheet = [[i * 1.4 + (j % 2) * 0.7, j * 1.4 * np.sqrt(3) / 2, 0.0] for i in range(20) for j in range(20)]
+    positions = np.array(sheet + [[14.0, 12.0, 2.0]])
+    return np.full(len(positions), 6), positions  # 401 atoms: 3-D, but most candidate lists are flat
+
+
 STRUCTURES = {
     "packed molecule": lambda: (*packed_molecule(300, 2), None, False),
     "simple cubic cluster": lambda: (*_cubic_cluster(), None, False),
+    "planar sheet and one adatom": lambda: (*_sheet_with_adatom(), None, False),
     "displaced MgO 4x4x4": lambda: (*displaced_mgo((4, 4, 4), 1), True),
     "fcc Cu 3x3x3 cubic": lambda: (*(lambda a: (a.numbers, a.positions, a.cell.array))(
         bulk("Cu", "fcc", 3.6, cubic=True).repeat(3)), True),
