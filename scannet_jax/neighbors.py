@@ -447,7 +447,7 @@ class _DefectBatch:
 def _exact_crystal(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> Facets:
     """Facets of the cells of the periodic structure (see `_crystal_points` for exactness).
 
-    When the ball of radius D (`_crystal_points`) holds at most `_EXHAUSTIVE` sites per atom (on
+    When the ball of radius D (`_crystal_reach`) holds at most `_EXHAUSTIVE` sites per atom (on
     average), each cell's hull is built from all of them; otherwise from certified candidate
     lists (`_certified_cell`) among the images within U <= D of the home atoms, U doubling (up to
     D, where the exhaustive list is used) when a cell needs more. Cells go `_BATCH_POINTS` dual
