@@ -268,6 +268,15 @@ def test_one_atom_bcc_cell_has_fourteen_self_image_edges():
     assert omega_hex == pytest.approx((4 * math.pi - 24 * math.asin(1 / 9)) / 8, abs=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 1 << 14])
+def test_overlap_check_names_the_first_pair_whatever_its_batch(batch, monkeypatch):
+    atoms = bulk("NaCl", "rocksalt", a=5.64).repeat((3, 3, 3))  # 54 atoms
+    atoms.positions[40] = atoms.positions[7] + atoms.cell[0] + [0.02, 0.03, 0.0]  # on an image of atom 7
+    monkeypatch.setattr(neighbors, "_CLOSE_CHECK_PAIRS", batch)
+    with pytest.raises(ValueError, match=r"^atoms 7 and 40 \(image \[-1, 0, 0\]\) are 0.0361 Å apart \(< 0.1 Å\)$"):
+        neighbors.voronoi_neighbors(atoms)
+
+
 # --------------------------------------------------------------------------------------------
 # The training reader (data set ``files``, format ``ase``).
 
