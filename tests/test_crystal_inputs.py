@@ -205,6 +205,27 @@ def test_each_awkward_crystal_is_an_error_or_a_defined_result(crystal_model, tmp
     assert rows[5]["warnings"] == []
 
 
+def test_a_300_atom_cell_is_predicted_with_a_size_warning_and_the_rest_too(crystal_model, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A 5x4x3 SrTiO3 supercell with seeded displacements (time and memory:
+    experiments/bench_large_cell.py) between two small cells."""
+    a = 3.905
+    perovskite = Atoms("SrTiO3", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5],
+                                                   [0, 0.5, 0.5]], cell=[a, a, a], pbc=True)
+    big = perovskite.repeat((5, 4, 3))
+    big.positions += np.random.default_rng(0).normal(0.0, 0.05, big.positions.shape)
+    path = tmp_path / "sizes.extxyz"
+    ase.io.write(path, [NACL, big, perovskite], format="extxyz")
+    status, table, err = run_predict(crystal_model, [path], tmp_path, monkeypatch, capsys)
+    assert status == 0 and table["errors"] == []
+    rows = table["structures"]
+    assert [(r["frame"], r["n_atoms"]) for r in rows] == [(0, 2), (1, 300), (2, 5)]
+    assert rows[1]["warnings"] == ["300 atoms: larger than any structure the model was trained on (at most 8)"]
+    assert f"warning: {path} frame 1: 300 atoms: larger than any structure" in err
+    assert math.isfinite(rows[1]["prediction"]) and sum(rows[1]["ga_scores"]) == pytest.approx(1.0, abs=1e-5)
+    assert rows[0]["prediction"] == pytest.approx(crystal_model(NACL).value, abs=1e-6)
+
+
 def test_one_atom_cell_prediction_does_not_depend_on_the_cell_given(crystal_model):
     fe = bulk("Fe", "bcc", a=2.87)
     conventional_axes = with_cell(fe, fe.cell.array[[1, 2, 0]])  # the same lattice, other basis order
