@@ -289,12 +289,18 @@ def test_one_atom_bcc_cell_has_fourteen_self_image_edges():
     assert omega_hex == pytest.approx((4 * math.pi - 24 * math.asin(1 / 9)) / 8, abs=1e-12)
 
 
-@pytest.mark.parametrize("batch", [1, 5, 1 << 14])
-def test_overlap_check_names_the_first_pair_whatever_its_batch(batch, monkeypatch):
+def test_overlap_check_names_the_first_pair_and_its_image():
     atoms = bulk("NaCl", "rocksalt", a=5.64).repeat((3, 3, 3))  # 54 atoms
     atoms.positions[40] = atoms.positions[7] + atoms.cell[0] + [0.02, 0.03, 0.0]  # on an image of atom 7
-    monkeypatch.setattr(neighbors, "_CLOSE_CHECK_PAIRS", batch)
+    atoms.positions[50] = atoms.positions[45] - atoms.cell[2] + [0.0, 0.05, 0.0]  # a later pair
+    atoms.positions[3] += atoms.cell[1] * 2  # outside the cell: the image refers to the position given
     with pytest.raises(ValueError, match=r"^atoms 7 and 40 \(image \[-1, 0, 0\]\) are 0.0361 Å apart \(< 0.1 Å\)$"):
+        neighbors.voronoi_neighbors(atoms)
+    atoms.positions[40] += [0.1, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"^atoms 45 and 50 \(image \[0, 0, 1\]\) are 0.05 Å apart"):
+        neighbors.voronoi_neighbors(atoms)
+    atoms.positions[7] = atoms.positions[3] - atoms.cell[1] * 2 + atoms.cell[0] * 0.001
+    with pytest.raises(ValueError, match=r"^atoms 3 and 7 \(image \[0, 2, 0\]\) are 0.012 Å apart"):
         neighbors.voronoi_neighbors(atoms)
 
 
