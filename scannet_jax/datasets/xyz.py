@@ -363,8 +363,8 @@ def partial_occupancy(block: ase.io.cif.CIFBlock) -> str | None:
     neighbours of its own.
 
     Returns:
-      the first such site by its ``_atom_site_label`` (by its 1-based position in the site
-      loop where the file has no labels), its species and occupancy.
+      a sentence naming the first such site by its ``_atom_site_label`` (by its 1-based
+      position in the site loop where the file has no labels), its species and occupancy.
     """
     occupancies = block.get("_atom_site_occupancy")
     if occupancies is None:
