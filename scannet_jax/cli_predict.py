@@ -38,6 +38,8 @@ from typing import Any
 import ase
 import ase.io
 
+from scannet_jax import atomic
+
 EXIT_SOME_FAILED = 2
 
 
@@ -75,17 +77,6 @@ def _check_output(path: str | None, what: str) -> None:
         raise SystemExit(f"error: {what} {path}: directory {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise SystemExit(f"error: {what} {path}: directory {folder} is not writable")
-
-
-def _write_atomically(path: str, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: the old content stays until the new is whole."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_frames(path: str) -> tuple[list[tuple[int, ase.Atoms]], list[tuple[int | None, str]]]:
@@ -193,11 +184,11 @@ def main(argv: list[str]) -> int:
         where = e["file"] if e["frame"] is None else f"{e['file']} frame {e['frame']}"
         print(f"error: {where}: {e['error']}", file=sys.stderr)
     if args.output and scored:
-        _write_atomically(args.output, lambda tmp: ase.io.write(tmp, scored, format="extxyz"))
+        atomic.write_atomically(args.output, lambda tmp: ase.io.write(tmp, scored, format="extxyz"))
     if args.json:
         table = {"target": predictor.target, "units": predictor.units, "structures": rows, "errors": errors,
                  "warnings": warnings}
-        _write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
+        atomic.write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
     if errors:
         print(f"{len(errors)} of {num_inputs} input(s) failed", file=sys.stderr)
         return EXIT_SOME_FAILED
