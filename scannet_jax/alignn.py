@@ -12,6 +12,10 @@ Inputs are two padded graphs (jraph `pad_with_graphs` layout, at least one paddi
 * `line_graph`: one node per edge of `graphs` (same order, same padding: `line_graph.
   pad_alignn_batch`), T triplets (senders/receivers index bonds), edges["cosines"] float32 [T].
 
+In training the trainer's `batching.Batch` of a `knn_line_graph` store (featurize.py) holds both:
+`AlignnNet` (the registered network "alignn", models.py) reads `batch.graphs` and builds the line
+graph from the "triplets" extra set (`batch_line_graph`), the same arrays as `pad_alignn_batch`.
+
 BatchNorm statistics (train mode) run over real rows only; padded atoms, bonds and triplets are
 masked out, so a batch gives the same result whatever its padding. Running statistics live in the
 "batch_stats" collection, updated as PyTorch does (momentum 0.1, unbiased variance).
@@ -23,6 +27,7 @@ import dataclasses
 import functools
 import json
 from importlib import resources
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -247,6 +252,36 @@ class ALIGNN(nn.Module):
         elif cfg.link == "logit":
             out = jax.nn.sigmoid(out)
         return out[:, 0] if cfg.output_features == 1 else out
+
+
+TRIPLETS = "triplets"  # the extra set of a `batching.Batch` holding the line graph (featurize.knn_line_graph)
+
+
+def batch_line_graph(batch: Any) -> jraph.GraphsTuple:
+    """The padded line graph of a `batching.Batch` whose extra set "triplets" holds the bond-angle
+    triplets: one node per bond of ``batch.graphs`` (n_node = its n_edge), senders/receivers the
+    triplet fields (batch-global bond indices), edges {"cosines"}, n_edge the rows per graph. The
+    same arrays as `line_graph.pad_alignn_batch` (tests/test_batching.py)."""
+    triplets = batch.extras[TRIPLETS]
+    return jraph.GraphsTuple(nodes=None, edges={"cosines": triplets.fields["cosines"]},
+                             senders=triplets.fields["senders"], receivers=triplets.fields["receivers"],
+                             n_node=batch.graphs.n_edge,
+                             n_edge=triplets.n_row, globals=None)
+
+
+class AlignnNet(nn.Module):
+    """`ALIGNN` behind the model registry's contract (models.py): ``apply(variables, batch,
+    train=...) -> (predictions [G], None)`` on the trainer's `batching.Batch` (atom graph plus the
+    "triplets" extra set); ALIGNN scores no atoms. In train mode call with mutable=["batch_stats"]."""
+
+    config: AlignnConfig = AlignnConfig()
+
+    @nn.compact
+    def __call__(self, batch: Any, train: bool = False) -> tuple[jax.Array, None]:
+        if self.config.output_features != 1:
+            raise ValueError("AlignnNet: the trainer needs output_features = 1 (one target per run)")
+        predictions = ALIGNN(self.config, name="alignn")(batch.graphs, batch_line_graph(batch), train=train)
+        return predictions, None
 
 
 def num_parameters(params) -> int:

@@ -12,12 +12,14 @@ angle at b is between vectors[k1] (b -> a) and −vectors[k2] (b -> c).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jraph
 import numpy as np
 
 from scannet_jax.knn import KnnNeighbors
+
+if TYPE_CHECKING:  # jraph (hence JAX) is imported by the two padded-graph helpers only, so the
+    import jraph  # featuriser's workers (datasets/featurize.py) stay free of JAX
 
 
 class LineGraph(NamedTuple):
@@ -71,6 +73,8 @@ def alignn_graphs(numbers: np.ndarray, neighbors: KnnNeighbors) -> tuple[jraph.G
       bond (nodes None, n_node [E]), edges {"cosines": float32 [T]}, int32 senders/receivers [T]
       (bond indices). Both have one graph and globals None.
     """
+    import jraph
+
     numbers = np.asarray(numbers)
     lg = line_graph(neighbors.senders, neighbors.receivers, neighbors.vectors)
     num_bonds = len(neighbors.senders)
@@ -111,6 +115,8 @@ def pad_alignn_batch(
     Raises:
       ValueError: naming the budget that is too small.
     """
+    import jraph
+
     graph = jraph.batch_np([g for g, _ in pairs])
     line = jraph.batch_np([lg for _, lg in pairs])
     totals = {"n_node": (n_node, int(graph.n_node.sum()) + 1), "n_edge": (n_edge, int(graph.n_edge.sum()) + 1),

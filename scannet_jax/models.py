@@ -33,7 +33,7 @@ import jraph
 import ml_collections
 import numpy as np
 
-from scannet_jax import layers, losses
+from scannet_jax import alignn, layers, losses
 
 # Activations sown as one dict, ``intermediates["activations"][0]``, named as the fixture's
 # ``act/…`` arrays; per block b also ``block{b}_`` + each of BLOCK_ACTIVATIONS. Node arrays are
@@ -352,3 +352,23 @@ def _scann_spec(g_update: bool) -> ModelSpec:
 
 for _name, _g_update in _SCANN_G_UPDATE.items():
     register(_name, _scann_spec(_g_update))
+
+
+def _alignn_config(values: Mapping[str, Any]) -> alignn.AlignnConfig:
+    values = {k: v for k, v in values.items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(alignn.AlignnConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    return alignn.AlignnConfig(**values)
+
+
+# ALIGNN (zoo-reference.md §1): defaults of §1.9. No loss regulariser: the reference's weight decay
+# (AdamW, 1e-5) belongs to the optimiser, which optim.py does not offer yet (Keras-2 Adam only).
+register("alignn", ModelSpec(
+    build=lambda values: alignn.AlignnNet(config=_alignn_config(values)),
+    default_config=lambda: dataclasses.asdict(alignn.AlignnConfig()),
+    regularizer=lambda params, coeff: jnp.float32(0.0),
+    node_scores=None,
+    num_elements=lambda values: int(alignn.cgcnn_table().shape[0]),
+))

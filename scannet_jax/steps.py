@@ -1,7 +1,8 @@
 """The pure steps of training, evaluation and prediction, and the state they carry.
 
 Steps run under ``jax.shard_map`` over the ``('data',)`` mesh (``parallel.py``): the batch
-argument holds one padded GraphsTuple per device, stacked on a leading axis. The loss
+argument holds one padded GraphsTuple per device (a `batching.Batch` of it and its extra sets when
+the store has them), stacked on a leading axis. The loss
 (``losses.LOSSES``: the original's RMSE, or MSE) is computed over the *global* batch (sums and
 counts combined with ``psum`` first) plus the network's regulariser, so any number of devices
 computes the gradient of one device holding the whole batch. Graphs with a NaN target are masked
@@ -25,7 +26,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
-from scannet_jax import losses, models, optim, parallel
+from scannet_jax import batching, losses, models, optim, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -49,7 +50,8 @@ class TrainState(train_state.TrainState):
         return {"params": self.params if params is None else params, **self.model_state}
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example: jraph.GraphsTuple,
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       example: jraph.GraphsTuple | batching.Batch,
                        target_mean: float, target_std: float, seed: int) -> TrainState:
     """Initialises ``model`` on ``example`` (one unstacked padded batch) from ``PRNGKey(seed)``."""
     init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -59,6 +61,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, examp
     model_state = dict(variables)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, target_mean=jnp.float32(target_mean),
                              target_std=jnp.float32(target_std), rng=rng, model_state=model_state)
+
+
+def atom_graphs(batch: jraph.GraphsTuple | batching.Batch) -> jraph.GraphsTuple:
+    """The atom graph of a batch: the batch itself, or ``batch.graphs`` of a `batching.Batch` (a
+    store with extra sets, e.g. ALIGNN's triplets). Targets, masks and graph counts come from it;
+    the network gets the whole batch."""
+    return batch.graphs if isinstance(batch, batching.Batch) else batch
 
 
 # Inside shard_map, every array of `batch` has a leading device axis of size 1.
@@ -80,13 +89,14 @@ def _error_metrics(sums: dict[str, jax.Array], std: jax.Array) -> dict[str, jax.
             "count": sums["count"]}
 
 
-def train_step(state: TrainState, batch: jraph.GraphsTuple, *, loss: Callable[[jax.Array, jax.Array], jax.Array],
+def train_step(state: TrainState, batch: jraph.GraphsTuple | batching.Batch, *, loss: Callable[[jax.Array, jax.Array], jax.Array],
                regularizer: Callable[[Any, float], jax.Array], coeff: float) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on the global batch (runs under ``make_steps``' shard_map).
 
     Args:
       state: replicated train state.
-      batch: this device's padded GraphsTuple, every leaf with a leading axis of size 1.
+      batch: this device's padded GraphsTuple (or `batching.Batch`), every leaf with a leading
+        axis of size 1.
       loss: ``losses.LOSSES`` entry: (summed squared error, count) of the global batch -> loss.
       regularizer: the network's ``(params, coeff) -> penalty``.
       coeff: its coefficient.
@@ -98,7 +108,7 @@ def train_step(state: TrainState, batch: jraph.GraphsTuple, *, loss: Callable[[j
       ``fold_in(fold_in(rng, step), device)``.
     """
     graphs = parallel.unstack_local(batch)
-    scaled, mask = _targets_and_mask(state, graphs)
+    scaled, mask = _targets_and_mask(state, atom_graphs(graphs))
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(parallel.AXIS))
     mutable = list(state.model_state)
 
@@ -126,7 +136,7 @@ def train_step(state: TrainState, batch: jraph.GraphsTuple, *, loss: Callable[[j
     return new_state, metrics
 
 
-def model_outputs(apply_fn: Callable, variables: Any, graphs: jraph.GraphsTuple, target_mean: jax.Array,
+def model_outputs(apply_fn: Callable, variables: Any, graphs: jraph.GraphsTuple | batching.Batch, target_mean: jax.Array,
                   target_std: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """The network in inference mode: (predictions [G] in target units, node scores [N] or None).
 
@@ -136,15 +146,15 @@ def model_outputs(apply_fn: Callable, variables: Any, graphs: jraph.GraphsTuple,
     return predictions * target_std + target_mean, node_scores
 
 
-def eval_step(state: TrainState, batch: jraph.GraphsTuple) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: jraph.GraphsTuple | batching.Batch) -> dict[str, jax.Array]:
     """Sums ``abs_err``, ``sq_err`` (target units) and ``count`` over the global batch."""
     graphs = parallel.unstack_local(batch)
-    scaled, mask = _targets_and_mask(state, graphs)
+    scaled, mask = _targets_and_mask(state, atom_graphs(graphs))
     predictions, _ = model_outputs(state.apply_fn, state.variables(), graphs, 0.0, 1.0)
     return _error_metrics(_psum(losses.metric_sums(predictions, scaled, mask)), state.target_std)
 
 
-def predict_step(state: TrainState, batch: jraph.GraphsTuple) -> jax.Array:
+def predict_step(state: TrainState, batch: jraph.GraphsTuple | batching.Batch) -> jax.Array:
     """Predictions in target units, [1, G] per device ([D, G] globally)."""
     graphs = parallel.unstack_local(batch)
     predictions, _ = model_outputs(state.apply_fn, state.variables(), graphs, state.target_mean, state.target_std)

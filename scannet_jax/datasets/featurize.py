@@ -2,7 +2,8 @@
 
 ``GRAPH_BUILDERS`` maps a graph builder's name (``config.data.graph_builder``) to its settings
 type and function: ``voronoi`` (`neighbors.neighbors_from_arrays`, modes ``exact`` and
-``original``) now. `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
+``original``) and ``knn_line_graph`` (ALIGNN's k-nearest bonds, `knn.py`, with their bond-angle
+triplets, `line_graph.py`, stored as the extra set ``triplets``). `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
 many structures in worker processes; `build_store` packs the results into a
 `GraphStore`. `featurized_store` is how every data set reaches disk: it returns the data
 set's store from a directory keyed by the data set name, the featuriser settings, the ring switch
@@ -13,6 +14,7 @@ was made differently. The store is the only on-disk copy of the features.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import multiprocessing
@@ -27,7 +29,7 @@ import numpy as np
 from ase.data import covalent_radii
 from tqdm.auto import tqdm
 
-from scannet_jax import graphs, neighbors
+from scannet_jax import graphs, knn, line_graph, neighbors
 from scannet_jax.graphs import CorruptStoreError, GraphStore
 from scannet_jax.structures import Structure
 
@@ -49,6 +51,7 @@ class Featurized(NamedTuple):
     solid_angles: np.ndarray  # [E] float32, sr
     weights: np.ndarray  # [E] float32, ρ
     ring_aromatic: np.ndarray | None  # [N, 2] float32 or None
+    extras: Mapping[str, Mapping[str, np.ndarray]] | None = None  # extra set -> field -> [T, ...]
 
 
 class FeaturizationError(RuntimeError):
@@ -225,11 +228,15 @@ class GraphBuilder(NamedTuple):
     Attributes:
       settings: its settings type: a frozen dataclass whose fields are the keys of
         ``config.data.featurizer`` and whose ``key()`` names every feature cache it makes.
-      build: ``(structure, settings) -> graphs.NeighborsLike`` (edges sorted by receiver).
+      build: ``(structure, settings) -> graphs.NeighborsLike`` (edges sorted by receiver); a
+        builder with extra sets also returns ``extras``: set name -> field -> rows of the structure.
+      extras: the extra sets it makes (`graphs.ExtraSet`), set name -> its ``refers`` (index field ->
+        "nodes", "edges" or another set); `build_store` adds them to the store.
     """
 
     settings: type
     build: Callable[[Structure, Any], graphs.NeighborsLike]
+    extras: Mapping[str, Mapping[str, str]] = {}
 
 
 GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
@@ -272,18 +279,83 @@ def featurize_one(structure: Structure, settings: Any, ring: bool) -> Featurized
     Raises:
       TypeError: if no registered builder takes settings of this type.
     """
-    builder = next((b for b in GRAPH_BUILDERS.values() if isinstance(settings, b.settings)), None)
-    if builder is None:
-        raise TypeError(f"no registered graph builder takes {type(settings).__name__} settings")
+    builder = builder_of(settings)
     nb = builder.build(structure, settings)
     return Featurized(
         receivers=np.asarray(nb.receivers, np.int32), senders=np.asarray(nb.senders, np.int32),
         distances=np.asarray(nb.distances, np.float32), solid_angles=np.asarray(nb.solid_angles, np.float32),
         weights=np.asarray(nb.weights, np.float32),
-        ring_aromatic=ring_aromatic_flags(structure.numbers, structure.positions) if ring else None)
+        ring_aromatic=ring_aromatic_flags(structure.numbers, structure.positions) if ring else None,
+        extras=getattr(nb, "extras", None) if builder.extras else None)
+
+
+def builder_of(settings: Any) -> GraphBuilder:
+    """The registered graph builder whose settings type ``settings`` is.
+
+    Raises:
+      TypeError: if no registered builder takes settings of this type.
+    """
+    builder = next((b for b in GRAPH_BUILDERS.values() if isinstance(settings, b.settings)), None)
+    if builder is None:
+        raise TypeError(f"no registered graph builder takes {type(settings).__name__} settings")
+    return builder
 
 
 register_graph_builder("voronoi", GraphBuilder(neighbors.FeaturizerSettings, _voronoi))
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnLineGraphSettings:
+    """ALIGNN's graphs (zoo-reference.md §1.2-1.3): k-nearest bonds (`knn.knn_from_arrays`, ties
+    kept, cutoff grown until every atom has k) and their bond-angle line graph (`line_graph`)."""
+
+    cutoff: float = 8.0  # Å, initial search radius (the reference's default)
+    max_neighbors: int = 12  # k
+
+    def __post_init__(self) -> None:
+        if self.cutoff <= 0 or self.max_neighbors < 1:
+            raise ValueError(f"KnnLineGraphSettings: need cutoff > 0 and max_neighbors >= 1, got "
+                             f"{self.cutoff}, {self.max_neighbors}")
+
+    def key(self) -> str:
+        """Stable directory name, e.g. ``knn1-k12-d8-lg1``."""
+        return f"knn{KNN_LINE_GRAPH_VERSION}-k{self.max_neighbors}-d{self.cutoff:g}-lg1"
+
+
+KNN_LINE_GRAPH_VERSION = 1  # bump when the bonds or triplets of a structure change
+
+
+class KnnLineGraph(NamedTuple):
+    """One structure's k-NN bonds (`graphs.NeighborsLike`; no Voronoi weights: Ω and ρ are 0) and
+    its triplets as the extra set ``triplets``: ``senders`` k1 = a -> b and ``receivers`` k2 = b -> c,
+    local edge indices; ``cosines`` float32 cos θ_abc from the bond vectors."""
+
+    receivers: np.ndarray  # [E] int64
+    senders: np.ndarray  # [E] int64
+    distances: np.ndarray  # [E] float64, Å, |bond vector|
+    solid_angles: np.ndarray  # [E] zeros
+    weights: np.ndarray  # [E] zeros
+    vectors: np.ndarray  # [E, 3] float64, Å, x_sender (at its image) - x_receiver
+    extras: dict[str, dict[str, np.ndarray]]
+
+
+TRIPLETS_REFER = {"senders": "edges", "receivers": "edges"}
+
+
+def _knn_line_graph(structure: Structure, settings: KnnLineGraphSettings) -> KnnLineGraph:
+    bonds = knn.knn_from_arrays(structure.positions, structure.cell if structure.periodic else None,
+                                tuple(bool(p) for p in structure.pbc), cutoff=settings.cutoff,
+                                max_neighbors=settings.max_neighbors)
+    lg = line_graph.line_graph(bonds.senders, bonds.receivers, bonds.vectors)
+    zeros = np.zeros(len(bonds.senders), np.float32)
+    triplets = {"senders": lg.senders.astype(np.int32), "receivers": lg.receivers.astype(np.int32),
+                "cosines": lg.cosines.astype(np.float32)}
+    return KnnLineGraph(bonds.receivers, bonds.senders, bonds.distances, zeros, zeros, bonds.vectors,
+                        {"triplets": triplets})
+
+
+register_graph_builder("knn_line_graph", GraphBuilder(KnnLineGraphSettings, _knn_line_graph,
+                                                      {"triplets": TRIPLETS_REFER}))
 
 
 def _work(task: tuple[int, Structure, Any, bool]) -> tuple[int, Featurized | None, tuple[str, str] | None]:
@@ -392,9 +464,12 @@ def build_store(
     """
     featurized = list(featurize_structures(structures, settings, ring=ring, num_workers=num_workers,
                                            progress=progress))
-    return GraphStore.from_structures(
+    store = GraphStore.from_structures(
         [s.numbers for s in structures], featurized, targets=targets, index=index,
         ring_aromatic=[f.ring_aromatic for f in featurized] if ring else None)
+    for name, refers in builder_of(settings).extras.items():
+        store = store.with_extra(name, [f.extras[name] for f in featurized], refers)
+    return store
 
 
 def featurized_store(
