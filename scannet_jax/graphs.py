@@ -220,6 +220,8 @@ class GraphStore:
       ring_aromatic: optional float32 [A, 2], [in ring, aromatic].
       extras: name -> `ExtraSet`, optional sets beyond atoms and edges (`with_extra`). A name is a
         Python identifier other than "nodes" and "edges".
+      metadata: JSON values describing the whole store, saved in (and loaded from) its manifest,
+        e.g. ``{"periodic": True}``; not carried by `subset` or `concat`.
     """
 
     atomic_numbers: np.ndarray
@@ -234,6 +236,7 @@ class GraphStore:
     targets: Mapping[str, np.ndarray]
     ring_aromatic: np.ndarray | None = None
     extras: Mapping[str, ExtraSet] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.index.shape[0]
@@ -474,14 +477,14 @@ class GraphStore:
 
         Args:
           path: target directory.
-          metadata: JSON-serialisable values recorded in the manifest (e.g. featuriser settings),
-            checked again by `load(path, expect=...)`.
+          metadata: JSON-serialisable values recorded in the manifest beside the store's own
+            ``metadata`` (e.g. featuriser settings), checked again by `load(path, expect=...)`.
         """
         rows = self._rows()
         with StoreWriter(path, self, num_structures=self.num_structures, num_atoms=rows["nodes"],
                          num_edges=rows["edges"], num_extra_rows={n: rows[n] for n in self.extras}) as writer:
             writer.append(self)
-            writer.close(metadata)
+            writer.close({**self.metadata, **(metadata or {})})
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None) -> GraphStore:
@@ -544,7 +547,7 @@ class GraphStore:
                 ptr = arrays.pop(prefix + "ptr")
                 fields = {k[len(prefix):]: arrays.pop(k) for k in list(arrays) if k.startswith(prefix)}
                 extras[name] = ExtraSet(ptr, fields, info["refers"])
-            return cls(**arrays, targets=targets, extras=extras)
+            return cls(**arrays, targets=targets, extras=extras, metadata=manifest["metadata"])
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptStoreError(f"{path}: inconsistent arrays ({err})") from err
 

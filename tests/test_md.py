@@ -341,17 +341,38 @@ def test_files_config_featurises_periodic_extxyz_and_trains(tmp_path):
         np.testing.assert_allclose(store.solid_angles, 4 * np.pi / 6, rtol=1e-5)
         np.testing.assert_allclose(store.targets["energy"], -lattice[store.index] ** 2, atol=1e-6)
     assert_trains(config, tmp_path, datasets)
-    # files keep their own periodicity, so predict does not check it; elements are checked
-    from ase.build import bulk, molecule
+    # files keep their own periodicity: every structure read was a crystal, so the model is a
+    # crystal model (recorded when the store was featurised) and refuses a molecule
+    from ase import Atoms
+    from ase.build import bulk
 
     from scannet_jax import predict
 
+    assert datasets.store.metadata["periodic"] is True
     domain = json.loads((tmp_path / "run" / "domain.json").read_text())
-    assert domain == {"elements": [84], "periodic": None, "max_atoms": 1}
+    assert domain == {"elements": [84], "periodic": True, "max_atoms": 1}
     predictor = predict.Predictor.from_workdir(tmp_path / "run", num_workers=1)
     assert np.isfinite(predictor(bulk("Po", "sc", a=3.1)).value)
-    with pytest.raises(predict.StructureError, match=r"element\(s\) H O \(first: atom 1\) never seen"):
-        predictor(molecule("H2O"))
+    with pytest.raises(predict.StructureError, match="a non-periodic structure given to a crystal model"):
+        predictor(Atoms("Po2", positions=[[0, 0, 0], [0, 0, 3.1]]))
+
+
+def test_files_of_mixed_periodicity_record_none(tmp_path):
+    """A data set mixing crystals and molecules gives a model of unknown periodicity (not checked)."""
+    from scannet_jax.datasets import featurize
+    from scannet_jax.structures import Structure
+
+    crystal = Structure(np.array([84]), np.zeros((1, 3)), 3.1 * np.eye(3), np.ones(3, bool))
+    molecule = Structure(np.array([1, 1]), np.array([[0.0, 0, 0], [0, 0, 0.74]]))
+    assert featurize.periodicity([crystal, crystal]) is True
+    assert featurize.periodicity([molecule]) is False
+    assert featurize.periodicity([crystal, molecule]) is None
+    settings = featurize.graph_settings("voronoi", {})
+    store = featurize.featurized_store("mixed", lambda: ([crystal, molecule], {"y": [1.0, 2.0]}), settings,
+                                       cache_dir=tmp_path, num_workers=1)
+    again = featurize.featurized_store("mixed", lambda: pytest.fail("the cache should be used"), settings,
+                                       cache_dir=tmp_path, num_workers=1)
+    assert store.metadata["periodic"] is None and again.metadata["periodic"] is None
 
 
 def test_unknown_data_set_names_the_known_ones():

@@ -472,6 +472,12 @@ def build_store(
     return store
 
 
+def periodicity(structures: Sequence[Structure]) -> bool | None:
+    """True if every structure is a crystal, False if every one is a molecule, None if mixed."""
+    kinds = {s.periodic for s in structures}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def featurized_store(
     dataset: str,
     read: Callable[[], tuple[Sequence[Structure], Mapping[str, Sequence[float]]]],
@@ -488,7 +494,8 @@ def featurized_store(
     `cache_path(cache_dir, dataset, settings, ring)` is loaded if it verifies; otherwise `read`
     is called, its structures are featurised (`build_store`, in input order, ``index`` =
     0..S-1) and the store is saved there (`cached_store`: locked, written completely before it
-    is used, a bad copy rebuilt).
+    is used, a bad copy rebuilt), with ``metadata["periodic"]`` = `periodicity` of the structures
+    (what a model trained on them may be applied to).
 
     Args:
       dataset: the cache name of the data set, including whatever identifies its content (a
@@ -508,10 +515,11 @@ def featurized_store(
     def build() -> GraphStore:
         structures, targets = read()
         try:
-            return build_store(structures, settings, targets=targets, ring=ring, num_workers=num_workers)
+            store = build_store(structures, settings, targets=targets, ring=ring, num_workers=num_workers)
         except FeaturizationError as err:
             if describe is None:
                 raise
             raise FeaturizationError(err.position, err.kind, err.reason, where=describe(err.position)) from err
+        return dataclasses.replace(store, metadata={**store.metadata, "periodic": periodicity(structures)})
 
     return cached_store(path / "graphs", build, metadata=cache_metadata(dataset, settings, ring), invalidate=path)

@@ -48,10 +48,14 @@ class Datasets:
         return self.split("test")
 
     def domain(self, periodic: bool | None, chunk: int = 65536) -> Domain:
-        """The training split's elements; the size of the largest structure of any split.
+        """The training split's elements; the size of the largest structure of any split; whether
+        the structures are crystals (``periodic``, or if that is None what the store recorded when
+        it was featurised: ``store.metadata["periodic"]``, None for a mixed or older store).
 
         The atoms are visited ``chunk`` structures at a time (bounded memory on large stores).
         """
+        if periodic is None:
+            periodic = self.store.metadata.get("periodic")
         train, elements = self.indices("train"), set()
         for start in range(0, len(train), chunk):
             part = train[start:start + chunk]
