@@ -128,7 +128,7 @@ def test_files_config_errors():
 
 @dataclasses.dataclass(frozen=True)
 class FakeSettings:
-    """Stands in for neighbors.FeaturizerSettings (only `key()` is used outside featurize_one)."""
+    """Stands in for neighbors.FeaturizerSettings (registered with `fake_builder`; `key()` names caches)."""
 
     cutoff: float = 2.0
 
@@ -147,6 +147,13 @@ def pairs_within_cutoff(structure, settings, ring):
                                 d[receivers, senders].astype(np.float32), ones, ones, None)
 
 
+@pytest.fixture
+def fake_builder(monkeypatch):
+    """Registers `pairs_within_cutoff` as the graph builder of `FakeSettings` for one test."""
+    monkeypatch.setitem(featurize.GRAPH_BUILDERS, "fake_pairs",
+                        featurize.GraphBuilder(FakeSettings, lambda structure, settings: pairs_within_cutoff(structure, settings, False)))
+
+
 def water_files(tmp_path, z=0.1):
     frame = "3\n{e} 0.5\nO 0.0 0.0 {z}\nH 0.0 0.76 -0.47\nH 0.0 -0.76 -0.47\n"
     paths = []
@@ -157,7 +164,7 @@ def water_files(tmp_path, z=0.1):
     return paths
 
 
-def test_load_structure_files_store_splits_and_cache(tmp_path, monkeypatch):
+def test_load_structure_files_store_splits_and_cache(tmp_path, monkeypatch, fake_builder):
     calls = []
     monkeypatch.setattr(featurize, "featurize_one", lambda *a: calls.append(1) or pairs_within_cutoff(*a))
     paths = water_files(tmp_path)
@@ -205,7 +212,7 @@ def md_load_from_config(config, settings, **data_overrides):
     return data.store, data.splits
 
 
-def test_configs_load_through_md_load(tmp_path, monkeypatch):
+def test_configs_load_through_md_load(tmp_path, monkeypatch, fake_builder):
     from configs import files, fullerene
 
     monkeypatch.setattr(featurize, "featurize_one", pairs_within_cutoff)
