@@ -150,8 +150,8 @@ def pairs_within_cutoff(structure, settings, ring):
 @pytest.fixture
 def fake_builder(monkeypatch):
     """Registers `pairs_within_cutoff` as the graph builder of `FakeSettings` for one test."""
-    monkeypatch.setitem(featurize.GRAPH_BUILDERS, "fake_pairs",
-                        featurize.GraphBuilder(FakeSettings, lambda structure, settings: pairs_within_cutoff(structure, settings, False)))
+    builder = featurize.GraphBuilder(FakeSettings, lambda structure, settings: pairs_within_cutoff(structure, settings, False))
+    monkeypatch.setitem(featurize.GRAPH_BUILDERS, "fake_pairs", builder)
 
 
 def water_files(tmp_path, z=0.1):
