@@ -7,33 +7,24 @@ load. Version 4 built [N, N, 3] offsets for a molecule (peak ratio ~16 from 400 
 and [G N, N, 3] image distances for a crystal.
 """
 
+import importlib.util
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.build import bulk
-from scipy.spatial import cKDTree
 
 from scannet_jax import neighbors
 from scannet_jax.neighbors import neighbors_from_arrays
 
+_spec = importlib.util.spec_from_file_location(
+    "bench_featurize", Path(__file__).resolve().parents[1] / "experiments" / "bench_featurize.py")
+bench_featurize = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_featurize)
+packed_molecule = bench_featurize.packed_molecule  # H/C/N/O at 0.1 atoms/Å^3, no pair closer than 0.9 Å
+
 ALL = {"cutoff": np.inf, "min_solid_angle": 0.0, "min_relative_weight": 0.0}  # every facet
-
-
-def packed_molecule(num_atoms: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Z [N], positions [N, 3] Å): H/C/N/O at 0.1 atoms/Å^3 in a ball, no pair closer than 0.9 Å."""
-    rng = np.random.default_rng(seed)
-    radius = (3 * num_atoms / (4 * np.pi * 0.1)) ** (1 / 3)
-
-    def ball(k: int) -> np.ndarray:
-        u = rng.normal(size=(k, 3))
-        return radius * rng.random((k, 1)) ** (1 / 3) * u / np.linalg.norm(u, axis=1, keepdims=True)
-
-    positions = ball(num_atoms)
-    while len(pairs := cKDTree(positions).query_pairs(0.9, output_type="ndarray")):
-        redo = np.unique(pairs[:, 1])
-        positions[redo] = ball(len(redo))
-    return rng.choice([1, 6, 7, 8], num_atoms, p=[0.5, 0.3, 0.1, 0.1]), positions
 
 
 def displaced_mgo(repeat: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
