@@ -150,7 +150,10 @@ def pairs_within_cutoff(structure, settings, ring):
 @pytest.fixture
 def fake_builder(monkeypatch):
     """Registers `pairs_within_cutoff` as the graph builder of `FakeSettings` for one test."""
-    builder = featurize.GraphBuilder(FakeSettings, lambda structure, settings: pairs_within_cutoff(structure, settings, False))
+    def build(structure, settings):
+        return pairs_within_cutoff(structure, settings, False)
+
+    builder = featurize.GraphBuilder(FakeSettings, build)
     monkeypatch.setitem(featurize.GRAPH_BUILDERS, "fake_pairs", builder)
 
 
