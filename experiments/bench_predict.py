@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def random_predictor(model: str, batch_size: int, num_workers: int | None) -> predict.Predictor:
-    from configs import qm9 as qm9_config
+    from scannet_jax.configs import qm9 as qm9_config
 
     config = qm9_config.get_config("homo,tiny" if model == "tiny" else "homo").model
     example = Atoms("CH4", [[0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],

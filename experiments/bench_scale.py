@@ -54,7 +54,7 @@ def replicate(copies: int, limit: int) -> tuple[Path, Path, dict]:
     """Writes QM9 ``copies`` times into one store; returns (store dir, splits file, sizes)."""
     import numpy as np
 
-    from configs import qm9
+    from scannet_jax.configs import qm9
     from scannet_jax import train
     from scannet_jax.graphs import StoreWriter
 
@@ -82,7 +82,7 @@ def time_training(store_dir: str, splits_file: str) -> dict:
     import jax
     import numpy as np
 
-    from configs import qm9
+    from scannet_jax.configs import qm9
     from scannet_jax import batching, parallel, train
     from scannet_jax.steps import set_learning_rate
     from scannet_jax.datasets.splits import make_datasets

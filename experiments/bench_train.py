@@ -43,7 +43,7 @@ def _cpu_seconds() -> float:
 def bench_variant(variant: str) -> dict:
     import jax
 
-    from configs import qm9
+    from scannet_jax.configs import qm9
     from scannet_jax import batching, parallel, train
     from scannet_jax.steps import set_learning_rate
 

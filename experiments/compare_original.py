@@ -254,7 +254,7 @@ def ours_training_setup(store, variant: str, batch: int, num_buckets: int = 2):
     """
     import numpy as np
 
-    from configs import qm9 as qm9_config
+    from scannet_jax.configs import qm9 as qm9_config
     from scannet_jax import train
     from scannet_jax.steps import set_learning_rate
     from scannet_jax.datasets.splits import make_datasets

@@ -119,7 +119,7 @@ def test_trainer_path_gives_the_fixture_path_predictions():
 
 @pytest.fixture(scope="module")
 def mp_run(tmp_path_factory):
-    from configs import mp as mp_config
+    from scannet_jax.configs import mp as mp_config
     from scannet_jax import train
     from scannet_jax.datasets import featurize, mp, splits
     from scannet_jax.structures import from_atoms
@@ -180,7 +180,7 @@ def test_alignn_checkpoint_restores_with_batch_stats(mp_run):
 
 
 def test_alignn_config_and_registry():
-    from configs import mp as mp_config
+    from scannet_jax.configs import mp as mp_config
     from scannet_jax import models
 
     config = mp_config.get_config("e_form,alignn")

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config():
     sys.path.insert(0, str(REPO))
-    from configs import qm9
+    from scannet_jax.configs import qm9
 
     config = qm9.get_config("homo,tiny")
     config.num_epochs = 1

@@ -94,13 +94,13 @@ def test_load_structure_files_builds_store_and_group_splits(tmp_path):
 def test_configs_map_onto_md_load(module, arg):
     import importlib
 
-    config_module = importlib.import_module(f"configs.{module}")
+    config_module = importlib.import_module(f"scannet_jax.configs.{module}")
     config = config_module.get_config(arg)
     data = config.data
     assert data.dataset in ("fullerene", "pt_graphene", "files")
     assert data.group_by in md.GROUPINGS
     assert data.molecules is True
-    from configs import qm9
+    from scannet_jax.configs import qm9
 
     assert set(data.keys()) == set(qm9.get_config("homo").data.keys())  # one schema for every data set
     assert data.limit == 0  # QM9 only
@@ -116,7 +116,7 @@ def test_configs_map_onto_md_load(module, arg):
 
 
 def test_files_config_errors():
-    from configs import files
+    from scannet_jax.configs import files
 
     with pytest.raises(ValueError, match="name the target"):
         files.get_config("paths=x.xyz")
@@ -216,7 +216,7 @@ def md_load_from_config(config, settings, **data_overrides):
 
 
 def test_configs_load_through_md_load(tmp_path, monkeypatch, fake_builder):
-    from configs import files, fullerene
+    from scannet_jax.configs import files, fullerene
 
     monkeypatch.setattr(featurize, "featurize_one", pairs_within_cutoff)
     water_files(tmp_path)
@@ -286,7 +286,7 @@ def test_generated_data_set_trains(module, arg, chunks, frames, tmp_path):
 
     from scannet_jax import neighbors, train
 
-    config = importlib.import_module(f"configs.{module}").get_config(arg)
+    config = importlib.import_module(f"scannet_jax.configs.{module}").get_config(arg)
     config = tiny_md_run(config, tmp_path)
     config.data.source_dir = str(chunk_slice(config.data.dataset, tmp_path / "chunks", chunks, frames))
     datasets = train.get_datasets(config)
@@ -329,7 +329,7 @@ def test_generated_data_set_trains(module, arg, chunks, frames, tmp_path):
 
 def test_files_config_featurises_periodic_extxyz_and_trains(tmp_path):
     """One atom per simple cubic cell: only its periodic images are neighbours (6 faces, d = a)."""
-    from configs import files
+    from scannet_jax.configs import files
 
     from scannet_jax import train
 
@@ -386,7 +386,7 @@ def test_files_of_mixed_periodicity_record_none(tmp_path):
 
 
 def test_unknown_data_set_names_the_known_ones():
-    from configs import fullerene
+    from scannet_jax.configs import fullerene
 
     from scannet_jax import train
 

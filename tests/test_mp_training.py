@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 @pytest.fixture(scope="module")
 def gap_run(tmp_path_factory):
-    from configs import mp
+    from scannet_jax.configs import mp
     from scannet_jax import train
 
     config = mp.get_config("gap,tiny")
@@ -32,7 +32,7 @@ def gap_run(tmp_path_factory):
 
 
 def test_recipe_is_the_originals_mp2018():
-    from configs import mp
+    from scannet_jax.configs import mp
 
     config = mp.get_config("e_form")
     assert (config.data.dataset, config.data.target, config.data.units) == (

@@ -53,7 +53,7 @@ def fixture_store():
 def tiny_config():
     """A small SCANN+ config without dropout (so that devices can agree exactly)."""
     sys.path.insert(0, str(REPO))
-    from configs import qm9
+    from scannet_jax.configs import qm9
 
     config = qm9.get_config("homo,tiny")
     config.model.update(n_atoms=40, n_attention=1, embedding_dim=8, local_dim=16, num_head=2, global_dim=16,

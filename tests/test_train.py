@@ -216,7 +216,7 @@ def test_fine_tuning_ignores_switches_without_parameters(fixture_run):
     parameters, so a QM9 run initialises it (the parameter shapes are what is compared)."""
     import jax
 
-    from configs import fullerene, qm9
+    from scannet_jax.configs import fullerene, qm9
     from scannet_jax import checkpoints, train
 
     ours, theirs = fullerene.get_config("homo").model, qm9.get_config("homo").model
@@ -358,7 +358,7 @@ if __name__ == "__main__":
 
 def test_config_variants_and_errors():
     sys.path.insert(0, str(REPO))
-    from configs import qm9
+    from scannet_jax.configs import qm9
 
     full = qm9.get_config("homo")
     assert (full.batch_size, full.optimizer.lr, full.optimizer.min_lr, full.num_epochs, full.patience) == (
