@@ -33,7 +33,7 @@ import jraph
 import ml_collections
 import numpy as np
 
-from scannet_jax import alignn, layers, losses
+from scannet_jax import alignn, layers, losses, lstm
 
 # Activations sown as one dict, ``intermediates["activations"][0]``, named as the fixture's
 # ``act/…`` arrays; per block b also ``block{b}_`` + each of BLOCK_ACTIVATIONS. Node arrays are
@@ -371,4 +371,24 @@ register("alignn", ModelSpec(
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
     num_elements=lambda values: int(alignn.cgcnn_table().shape[0]),
+))
+
+
+def _lstm_config(values: Mapping[str, Any]) -> lstm.LstmConfig:
+    values = {k: v for k, v in values.items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(lstm.LstmConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    return lstm.LstmConfig(**values)
+
+
+# The LSTM neighbour-list model (zoo-reference.md §3) on a ``neighbour_list`` store; the source
+# states no regulariser.
+register("lstm", ModelSpec(
+    build=lambda values: lstm.LstmNet(config=_lstm_config(values)),
+    default_config=lambda: dataclasses.asdict(lstm.LstmConfig()),
+    regularizer=lambda params, coeff: jnp.float32(0.0),
+    node_scores=None,
+    num_elements=lambda values: int(values.get("max_atomic_number", lstm.MAX_ATOMIC_NUMBER)) + 1,
 ))

@@ -2,7 +2,9 @@
 
 Per atom, the K = 19 nearest other atoms (periodic images included for crystals), sorted by
 distance (§3.2 step 1), and the order of the atoms by fractional coordinates (§3.2 step 4). NumPy
-only; `scannet_jax.lstm.NeighbourListLSTM` consumes the padded arrays of `pad_sequences`.
+only; `scannet_jax.lstm.NeighbourListLSTM` consumes the arrays of `pad_sequences`, and the
+``neighbour_list`` graph builder (datasets/featurize.py) stores the lists as edges and the atom
+orders of `setting_orders` as the extra set ``atom_orders``.
 
 **Tie rule.** Distances are grouped into *shells*: sorted candidate distances of one centre atom
 whose consecutive gaps are at most `tolerance` (1e-3 Å by default) belong to one shell
@@ -37,6 +39,10 @@ IDENTITY = (0, 1, 2)
 # §3.3 augmentation: the original setting and the xy, yz and xz swaps of the lattice axes.
 AXIS_SWAPS = (IDENTITY, (1, 0, 2), (0, 2, 1), (2, 1, 0))
 AXIS_PERMUTATIONS = tuple(itertools.permutations(range(3)))  # all six, for the sensitivity measurement
+NUM_SETTINGS_MAX = len(AXIS_PERMUTATIONS)  # most settings a structure can have stored
+# Which axis permutations a ``neighbour_list`` store keeps the atom orders of (`setting_orders`).
+SETTINGS = {"original": (IDENTITY,), "swaps": AXIS_SWAPS, "permutations": AXIS_PERMUTATIONS}
+ATOM_ORDERS = "atom_orders"  # the store's extra set of atom orders (datasets/featurize.py)
 
 
 class NeighbourLists(NamedTuple):
@@ -310,18 +316,46 @@ def average_over_settings(predictions: np.ndarray, structure_index: np.ndarray, 
         return sums / counts
 
 
+def setting_orders(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None, pbc: Any,
+                   permutations: Sequence[Sequence[int]] = (IDENTITY,)) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The atom orders of a structure's distinct settings, one after the other (a store's ``atom_orders``).
+
+    Crystals: the settings kept by `equivalent_settings` among `permutations` (the first, normally
+    the identity, always kept); molecules have one setting, the Cartesian order (`atom_order`).
+
+    Args:
+      numbers: [N] atomic numbers.
+      positions: [N, 3] Cartesian coordinates, Å.
+      cell: [3, 3] lattice vectors as rows, Å (crystals).
+      pbc: all True (crystal) or all False (molecule).
+      permutations: candidate axis permutations (`SETTINGS`).
+
+    Returns:
+      ([T * N] int64 atom indices, the T kept permutations).
+    """
+    if np.asarray(pbc, bool).all():
+        kept = equivalent_settings(numbers, positions, cell, permutations)
+    else:
+        kept = [tuple(permutations[0])]  # type: ignore[list-item]
+    return np.concatenate([atom_order(positions, cell, pbc, p) for p in kept]), kept
+
+
 def pad_sequences(structures: Sequence[SequenceInputs], num_atoms: int, num_graphs: int | None = None
                   ) -> dict[str, np.ndarray]:
-    """Stacks structures into the model's padded batch: real atoms first, zeros after.
+    """Stacks structures into `lstm.NeighbourListLSTM`'s inputs (one sequence per structure).
+
+    Structure g's atoms (already in model order) take rows g * A .. g * A + n_g - 1 of the flat
+    atom arrays; the sequences of `sequence` list them one structure after the other.
 
     Args:
       structures: the batch's structures.
-      num_atoms: A, the atom bucket (at least the largest structure's atom count).
+      num_atoms: A, the atom bucket of one structure (at least the largest structure's atom count).
       num_graphs: G (at least len(structures)); defaults to len(structures). Extra rows are empty.
 
     Returns:
-      `atomic_numbers` [G, A] int32, `neighbour_numbers` [G, A, K] int32, `neighbour_distances`
-      [G, A, K] float32 (Å), `atom_mask` [G, A] bool.
+      `atomic_numbers` [G * A] int32, `neighbour_numbers` [G * A, K] int32, `neighbour_distances`
+      [G * A, K] float32 (Å), all 0 on padding; `sequence` [G * A] int32 (0 after the last real
+      atom), `sequence_lengths` [G] int32.
 
     Raises:
       ValueError: a structure has more than `num_atoms` atoms, or more structures than `num_graphs`.
@@ -330,16 +364,22 @@ def pad_sequences(structures: Sequence[SequenceInputs], num_atoms: int, num_grap
     if len(structures) > num_graphs:
         raise ValueError(f"{len(structures)} structures do not fit in {num_graphs} graphs")
     k = structures[0].neighbour_numbers.shape[1] if structures else NUM_NEIGHBOURS
-    batch = {"atomic_numbers": np.zeros((num_graphs, num_atoms), np.int32),
-             "neighbour_numbers": np.zeros((num_graphs, num_atoms, k), np.int32),
-             "neighbour_distances": np.zeros((num_graphs, num_atoms, k), np.float32),
-             "atom_mask": np.zeros((num_graphs, num_atoms), bool)}
+    size = num_graphs * num_atoms
+    batch = {"atomic_numbers": np.zeros(size, np.int32),
+             "neighbour_numbers": np.zeros((size, k), np.int32),
+             "neighbour_distances": np.zeros((size, k), np.float32),
+             "sequence": np.zeros(size, np.int32),
+             "sequence_lengths": np.zeros(num_graphs, np.int32)}
     for g, s in enumerate(structures):
         n = len(s.atomic_numbers)
         if n > num_atoms:
             raise ValueError(f"structure {g} has {n} atoms, more than the bucket's {num_atoms}")
-        batch["atomic_numbers"][g, :n] = s.atomic_numbers
-        batch["neighbour_numbers"][g, :n] = s.neighbour_numbers
-        batch["neighbour_distances"][g, :n] = s.neighbour_distances
-        batch["atom_mask"][g, :n] = True
+        rows = slice(g * num_atoms, g * num_atoms + n)
+        batch["atomic_numbers"][rows] = s.atomic_numbers
+        batch["neighbour_numbers"][rows] = s.neighbour_numbers
+        batch["neighbour_distances"][rows] = s.neighbour_distances
+        batch["sequence_lengths"][g] = n
+    places = np.concatenate([np.arange(g * num_atoms, g * num_atoms + len(s.atomic_numbers))
+                             for g, s in enumerate(structures)] + [np.zeros(0, np.int64)])
+    batch["sequence"][:len(places)] = places
     return batch

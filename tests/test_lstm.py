@@ -96,7 +96,9 @@ def test_padding_content_is_never_read(model_and_params):
     reference = jitted(model)(params, **batch)
     rng = np.random.default_rng(0)
     noisy = {k: v.copy() for k, v in batch.items()}
-    pad = ~batch["atom_mask"]
+    pad = np.ones(len(batch["atomic_numbers"]), bool)  # rows no sequence reads
+    pad[batch["sequence"][:batch["sequence_lengths"].sum()]] = False
+    assert pad.sum() == 6 * 8 - 2 - 8 - 3 - 3
     noisy["atomic_numbers"][pad] = rng.integers(1, 95, pad.sum())
     noisy["neighbour_numbers"][pad] = rng.integers(1, 95, (pad.sum(), 19))
     noisy["neighbour_distances"][pad] = rng.uniform(1, 5, (pad.sum(), 19))

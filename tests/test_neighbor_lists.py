@@ -197,8 +197,11 @@ def test_sequence_inputs_and_padding():
     assert seq.neighbour_numbers[:, :3].tolist() == [[8, 1, 0], [1, 1, 0], [8, 1, 0]]
     assert (seq.neighbour_numbers[:, 2:] == 0).all() and seq.neighbour_distances.dtype == np.float32
     batch = nl.pad_sequences([seq, seq], num_atoms=5, num_graphs=3)
-    assert batch["atom_mask"].sum(1).tolist() == [3, 3, 0]
-    assert batch["neighbour_numbers"].shape == (3, 5, 19) and (batch["atomic_numbers"][:, 3:] == 0).all()
+    assert batch["sequence_lengths"].tolist() == [3, 3, 0]
+    assert batch["sequence"].tolist() == [0, 1, 2, 5, 6, 7] + [0] * 9  # structure g at rows 5g..5g+2
+    assert batch["neighbour_numbers"].shape == (15, 19)
+    np.testing.assert_array_equal(batch["atomic_numbers"].reshape(3, 5), [[1, 8, 1, 0, 0]] * 2 + [[0] * 5])
+    np.testing.assert_array_equal(batch["neighbour_numbers"][5:8], seq.neighbour_numbers)
     with pytest.raises(ValueError, match="3 atoms, more than the bucket's 2"):
         nl.pad_sequences([seq], num_atoms=2)
 

@@ -3,7 +3,9 @@
 ``GRAPH_BUILDERS`` maps a graph builder's name (``config.data.graph_builder``) to its settings
 type and function: ``voronoi`` (`neighbors.neighbors_from_arrays`, modes ``exact`` and
 ``original``) and ``knn_line_graph`` (ALIGNN's k-nearest bonds, `knn.py`, with their bond-angle
-triplets, `line_graph.py`, stored as the extra set ``triplets``). `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
+triplets, `line_graph.py`, stored as the extra set ``triplets``) and ``neighbour_list`` (the LSTM
+model's 19-nearest-atom lists as edges and its atom orders as the extra set ``atom_orders``,
+`neighbor_lists.py`). `Featurizer` runs the builder (and optionally the ring/aromatic flags) over
 many structures in worker processes; `build_store` packs the results into a
 `GraphStore`. `featurized_store` is how every data set reaches disk: it returns the data
 set's store from a directory keyed by the data set name, the featuriser settings, the ring switch
@@ -29,7 +31,7 @@ import numpy as np
 from ase.data import covalent_radii
 from tqdm.auto import tqdm
 
-from scannet_jax import graphs, knn, line_graph, neighbors
+from scannet_jax import graphs, knn, line_graph, neighbor_lists, neighbors
 from scannet_jax.graphs import CorruptStoreError, GraphStore
 from scannet_jax.structures import Structure
 
@@ -356,6 +358,64 @@ def _knn_line_graph(structure: Structure, settings: KnnLineGraphSettings) -> Knn
 
 register_graph_builder("knn_line_graph", GraphBuilder(KnnLineGraphSettings, _knn_line_graph,
                                                       {"triplets": TRIPLETS_REFER}))
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighbourListSettings:
+    """The LSTM model's inputs (zoo-reference.md §3.2, `neighbor_lists`): per atom its K nearest
+    atoms (periodic images included), ties broken by `neighbor_lists`' shell rule, and the
+    fractional-coordinate atom order of each distinct setting in ``settings`` (a key of
+    `neighbor_lists.SETTINGS`: ``original``, ``swaps`` (§3.3's augmentation) or ``permutations``)."""
+
+    num_neighbours: int = neighbor_lists.NUM_NEIGHBOURS  # K
+    tolerance: float = neighbor_lists.TIE_TOLERANCE  # Å, largest distance gap within a shell
+    settings: str = "original"
+
+    def __post_init__(self) -> None:
+        if self.num_neighbours < 1 or self.tolerance < 0:
+            raise ValueError(f"NeighbourListSettings: need num_neighbours >= 1 and tolerance >= 0, got "
+                             f"{self.num_neighbours}, {self.tolerance}")
+        if self.settings not in neighbor_lists.SETTINGS:
+            raise ValueError(f"NeighbourListSettings: settings must be one of {sorted(neighbor_lists.SETTINGS)}, "
+                             f"got {self.settings!r}")
+
+    def key(self) -> str:
+        """Stable directory name, e.g. ``nl1-k19-t0.001-original``."""
+        return f"nl{NEIGHBOUR_LIST_VERSION}-k{self.num_neighbours}-t{self.tolerance:g}-{self.settings}"
+
+
+NEIGHBOUR_LIST_VERSION = 1  # bump when the lists or orders of a structure change
+
+
+class NeighbourListGraph(NamedTuple):
+    """One structure's neighbour lists as edges (`graphs.NeighborsLike`): receiver = centre atom,
+    sender = neighbour, sorted by receiver then rank in the list (rank = offset from the receiver's
+    first edge), distances |r_j + shift - r_i|; Ω and ρ are 0. Extra set ``atom_orders``: field
+    ``atoms`` (local atom indices, refers to "nodes"), the order of every kept setting one after the
+    other, the original first (`neighbor_lists.setting_orders`)."""
+
+    receivers: np.ndarray  # [E] int64
+    senders: np.ndarray  # [E] int64
+    distances: np.ndarray  # [E] float64, Å
+    solid_angles: np.ndarray  # [E] zeros
+    weights: np.ndarray  # [E] zeros
+    extras: dict[str, dict[str, np.ndarray]]
+
+
+def _neighbour_list(structure: Structure, settings: NeighbourListSettings) -> NeighbourListGraph:
+    lists = neighbor_lists.nearest_neighbour_lists(*structure, num_neighbours=settings.num_neighbours,
+                                                   tolerance=settings.tolerance)
+    n = len(structure.numbers)
+    receivers = np.repeat(np.arange(n), lists.mask.sum(1))  # the mask is a prefix of every row
+    orders, _ = neighbor_lists.setting_orders(structure.numbers, structure.positions, structure.cell,
+                                              structure.pbc, neighbor_lists.SETTINGS[settings.settings])
+    zeros = np.zeros(len(receivers), np.float32)
+    return NeighbourListGraph(receivers, lists.indices[lists.mask], lists.distances[lists.mask], zeros, zeros,
+                              {neighbor_lists.ATOM_ORDERS: {"atoms": orders.astype(np.int32)}})
+
+
+register_graph_builder("neighbour_list", GraphBuilder(NeighbourListSettings, _neighbour_list,
+                                                      {neighbor_lists.ATOM_ORDERS: {"atoms": "nodes"}}))
 
 
 def _work(task: tuple[int, Structure, Any, bool]) -> tuple[int, Featurized | None, tuple[str, str] | None]:
