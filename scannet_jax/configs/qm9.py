@@ -8,6 +8,8 @@ The argument is ``target[,variant...][,key=value...]``:
   one CPU core), writing everything a full run writes;
 * ``scann``: SCANN (no geometry update, ρ weights) instead of SCANN+;
 * ``ring``: add the ring/aromatic atom flags;
+* ``alignn``: ALIGNN with its reference training recipe (`alignn_recipe`, zoo-reference.md §1)
+  on its own graphs; the reference's QM9 graphs start the neighbour search at 5 Å;
 * ``limit=N``: use only the first N molecules.
 
 Every field can also be overridden on the command line, e.g. ``--config.batch_size=64``.
@@ -39,7 +41,8 @@ TARGET_UNITS = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the QM9 config for ``arg`` (see module docstring)."""
     args = common.parse_arg(
-        arg, positional=("target",), target="homo", tiny=False, scann=False, ring=False, limit=0
+        arg, positional=("target",), target="homo", tiny=False, scann=False, ring=False, limit=0,
+        alignn=False,
     )
     if args.target not in TARGET_UNITS:
         raise ValueError(
@@ -79,9 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "rmse"  # the original's: RMSE of the standardised target (losses.LOSSES)
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adam"  # "adam" (Keras-2, the original's) or "adamw" (PyTorch's, ALIGNN's)
     config.optimizer.lr = 5e-4
     config.optimizer.min_lr = 1e-4
-    config.optimizer.schedule = "sgdr"  # "sgdr" (per epoch), "cosine" (per step) or "constant"
+    # "sgdr" (per epoch), "cosine" (per step), "constant" or "onecycle" (PyTorch's, per step)
+    config.optimizer.schedule = "sgdr"
     config.optimizer.sgdr_t0 = 50  # epochs in the first cycle
     config.optimizer.sgdr_tmult = 2
     config.optimizer.sgdr_compression = 1.2  # each restart's peak = previous / 1.2
@@ -92,12 +97,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999
     config.optimizer.eps = 1e-7  # the Keras default
     config.optimizer.l2 = 1e-4  # on the kernels the original penalises (losses.py)
+    config.optimizer.weight_decay = 0.0  # adamw: decoupled decay λ (θ -= rate·λ·θ)
+    config.optimizer.no_decay = ("bias", "bn")  # adamw: parameter-path substrings exempt from decay
+    # onecycle (torch OneCycleLR; optim.OneCycle, over optimizer.onecycle_epochs, set below):
+    # warm-up fraction, peak/initial and initial/final rate ratios, the β1 cycle (max -> base at
+    # the peak rate -> max; False: β1 stays b1)
+    config.optimizer.onecycle_pct_start = 0.3
+    config.optimizer.onecycle_div_factor = 25.0
+    config.optimizer.onecycle_final_div_factor = 1e4
+    config.optimizer.onecycle_cycle_momentum = True
+    config.optimizer.onecycle_base_momentum = 0.85
+    config.optimizer.onecycle_max_momentum = 0.95
 
     config.batch_size = 128  # global, over all devices
     config.eval_batch_size = 128
     config.num_buckets = 4  # padded shapes per split (one compilation each)
     config.prefetch = 4  # batches prepared ahead by a background thread
     config.num_epochs = 1000
+    # the epochs the one-cycle spans: follows num_epochs (also when it is overridden) unless set
+    config.optimizer.onecycle_epochs = config.get_ref("num_epochs") * 1
     config.patience = 200  # early stopping on validation MAE, epochs
     config.max_wall_time_s = 0.0  # whole run incl. final evaluation (estimated); 0 = no limit
     config.final_train_eval_limit = 0  # final training-split MAE on this many molecules; 0 = all
@@ -124,7 +142,66 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optimizer.sgdr_t0 = 3
         config.checkpoint_every_steps = 4
         config.log_every_steps = 5
+    if args.alignn:
+        alignn_recipe(config, args.tiny)
+        config.data.featurizer.cutoff = 5.0  # Å, the reference's qm9 recipe (same bonds: see knn.py)
     return config
+
+
+def alignn_recipe(config: ml_collections.ConfigDict, tiny: bool) -> None:
+    """ALIGNN's graphs, network, loss and training recipe, in place (zoo-reference.md §1.10).
+
+    The paper-era recipe (``alignn/train_props.py``, run by ``alignn/train.py``):
+
+    * graphs: k = 12 nearest bonds from an 8 Å start radius and their bond-angle triplets
+      (``graph_builder = "knn_line_graph"``; molecules without images, see knn.py);
+    * the §1.9 network, MSE loss, no loss regulariser, batches of 64, 300 epochs, no early
+      stopping (``patience`` follows ``num_epochs``);
+    * ``torch.optim.AdamW`` (β (0.9, 0.999), ε 1e-8) at lr 1e-3 with weight decay 1e-5 on the
+      parameter groups of ``alignn.utils.group_decay`` (`optim.decay_mask`: no decay for biases
+      and the EGGC BatchNorms; the MLPLayer BatchNorm scales are decayed, as in the reference);
+    * ``OneCycleLR(max_lr=1e-3, epochs, steps_per_epoch, pct_start=0.3)`` stepped once per batch,
+      PyTorch's defaults otherwise: cosine annealing, div_factor 25, final_div_factor 1e4, β1
+      cycled 0.95 -> 0.85 -> 0.95 (`optim.OneCycle`).
+
+    ``tiny``: one ALIGNN and one GCN layer of 32 features, batches of 16, the tiny config's epochs
+    (the one-cycle spans them).
+
+    Args:
+      config: a config of this module (or one derived from it), changed in place.
+      tiny: the smoke-run sizes.
+    """
+    from scannet_jax import models  # deferred: keeps `import configs.qm9` free of JAX
+
+    config.data.graph_builder = "knn_line_graph"
+    config.data.featurizer = ml_collections.ConfigDict({"cutoff": 8.0, "max_neighbors": 12})
+    config.data.ring = False
+    config.model = models.default_model_config("alignn")
+    config.loss = "mse"  # the reference's criterion
+    opt = config.optimizer
+    opt.name = "adamw"
+    opt.lr = 1e-3  # the one-cycle's peak (max_lr)
+    opt.min_lr = 1e-3  # unused by the one-cycle (its floor is lr / 25 / 1e4)
+    opt.schedule = "onecycle"
+    opt.legacy_decay = 0.0  # Keras-2 only
+    opt.b1, opt.b2, opt.eps = 0.9, 0.999, 1e-8  # PyTorch's (β1 then follows the one-cycle)
+    opt.weight_decay = 1e-5
+    opt.no_decay = ("bias", "bn")
+    opt.l2 = 0.0  # ALIGNN has no loss regulariser
+    opt.onecycle_pct_start = 0.3
+    opt.onecycle_div_factor, opt.onecycle_final_div_factor = 25.0, 1e4
+    opt.onecycle_cycle_momentum = True
+    opt.onecycle_base_momentum, opt.onecycle_max_momentum = 0.85, 0.95
+    if tiny:
+        config.model.update({"alignn_layers": 1, "gcn_layers": 1, "embedding_features": 16,
+                             "hidden_features": 32})
+        config.batch_size = 16
+        config.eval_batch_size = 32
+    else:
+        config.batch_size = 64
+        config.eval_batch_size = 64
+        config.num_epochs = 300
+        config.patience = config.get_ref("num_epochs") * 1  # the reference does not stop early
 
 
 def _tiny_model_sizes(model: ml_collections.ConfigDict) -> dict:
