@@ -85,6 +85,14 @@ class _ResettingLSTMCell(nn.RNNCellBase):
         return 1
 
 
+def _zero_carry(inputs: jax.Array, features: int) -> tuple[jax.Array, jax.Array]:
+    """The LSTM's zero (c, h) [B, features] for inputs [B, T, D], made from the inputs: inside the
+    trainer's shard_map a constant carry would not be device-varying like the scan's output carry,
+    and lax.scan requires the two types to agree."""
+    zeros = jnp.broadcast_to(jnp.zeros_like(inputs[:, 0, :1], jnp.float32), (inputs.shape[0], features))
+    return zeros, zeros
+
+
 class NeighbourListLSTM(nn.Module):
     """Per-atom LSTM over distance-sorted neighbours, then an LSTM over each atom sequence, then a dense head.
 
@@ -130,13 +138,15 @@ class NeighbourListLSTM(nn.Module):
         vectors = nn.Embed(self.max_atomic_number + 1, self.embedding_dim, name="embedding")(numbers)
         vectors = vectors * factors[..., None].astype(vectors.dtype)  # [N, K+1, D_E]
         (_, atom_vectors), _ = nn.RNN(nn.LSTMCell(self.atom_features, name="atom_lstm"), return_carry=True)(
-            vectors, seq_lengths=1 + valid.sum(-1))  # [N, H_1]; centre + its neighbours
+            vectors, initial_carry=_zero_carry(vectors, self.atom_features),
+            seq_lengths=1 + valid.sum(-1))  # [N, H_1]; centre + its neighbours
 
         p = sequence.shape[0]
         starts = jnp.cumsum(sequence_lengths) - sequence_lengths  # [S]
         is_start = jnp.zeros(p, jnp.float32).at[jnp.where(sequence_lengths > 0, starts, p)].set(1.0, mode="drop")
         places = jnp.concatenate([atom_vectors[sequence], is_start[:, None]], -1)[None]  # [1, P, H_1 + 1]
-        outputs = nn.RNN(_ResettingLSTMCell(self.crystal_features, name="crystal_lstm"))(places)[0]  # [P, H_2]
+        outputs = nn.RNN(_ResettingLSTMCell(self.crystal_features, name="crystal_lstm"))(
+            places, initial_carry=_zero_carry(places, self.crystal_features))[0]  # [P, H_2]
         x = outputs[jnp.clip(starts + sequence_lengths - 1, 0, p - 1)]  # [S, H_2], each sequence's last atom
         for i, width in enumerate(self.head_features):
             x = nn.relu(nn.Dense(width, name=f"head_{i}")(x))
