@@ -1,68 +1,10 @@
-"""Entry point: ``python main.py --config=configs/qm9.py:homo --workdir=runs/qm9_homo``.
+"""Entry point in a checkout: ``python main.py --config=configs/qm9.py:homo --workdir=runs/qm9_homo``.
 
-Trains (or resumes, if ``--workdir`` holds a checkpoint) and evaluates one model; every config
-field can be overridden, e.g. ``--config.batch_size=64``. SIGTERM or Ctrl-C saves a checkpoint
-and exits with status 128 + the signal number (143, 130); the same command resumes. ``python main.py predict ...`` is
-handed to ``scannet_jax.cli_predict.main(argv)`` (the arguments after ``predict``).
+The same command line as the installed ``scannet-jax`` (`scannet_jax.cli`): ``train`` is implied,
+``python main.py predict ...`` predicts.
 """
 
-from __future__ import annotations
-
-import logging as std_logging
-import sys
-from pathlib import Path
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scannet_jax import parallel, train  # after flag parsing: JAX starts here
-
-    distributed = FLAGS.config.distributed
-    parallel.initialize_distributed(distributed.coordinator_address, distributed.num_processes,
-                                    distributed.process_id)
-    workdir = Path(FLAGS.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_file = std_logging.FileHandler(workdir / "train.log")
-    log_file.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    std_logging.getLogger().addHandler(log_file)
-    logging.set_verbosity(logging.WARNING)  # libraries logging through absl (Orbax) only warn
-    std_logging.getLogger("scannet_jax").setLevel(std_logging.INFO)
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if "signal" in results:  # stopped by SIGTERM / SIGINT after saving a checkpoint
-        sys.exit(128 + results["signal"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error for a ``--config.<key>`` the config lacks."""
-    try:
-        return FLAGS(argv)
-    except (AttributeError, KeyError) as err:  # raised by ml_collections for an unknown field
-        text = str(err.args[0] if err.args else err).replace("\\n", "\n").replace("\\'", "'")
-        keys = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        key = next((k for k in keys if f"'{k.split('.')[-1]}'" in text), keys[0] if keys else text)
-        hint = next((line.rstrip("'\"") for line in text.splitlines() if line.startswith("Did you mean")), "")
-        sys.exit(f"error: --config.{key}: the config has no field {key.split('.')[-1]!r}"
-                 + (f". {hint}" if hint else " (the fields are those set in the config file)"))
-    except flags.Error as err:
-        sys.exit(f"error: {err}\nPass --help for usage.")
-
-
-def run() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "predict":
-        from scannet_jax import cli_predict
-
-        sys.exit(cli_predict.main(sys.argv[2:]))
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=parse_flags)
-
+from scannet_jax import cli
 
 if __name__ == "__main__":
-    run()
+    cli.run()

@@ -109,7 +109,7 @@ def main() -> None:
         featurize_s.append(time.perf_counter() - t)
         store = GraphStore.from_structures([a.numbers for a in atoms], features)
         t = time.perf_counter()
-        predictor._predict_store(store)
+        predictor.predict_store(store)
         model_s.append(time.perf_counter() - t)
     predictor.close()
     load_after = os.getloadavg()

@@ -1,9 +1,13 @@
-"""``python main.py predict``: predictions and GA scores for structure files.
+"""``scannet-jax predict``: predictions and GA scores for structure files.
 
 Usage::
 
-    python main.py predict --workdir=runs/qm9_homo mols.xyz POSCAR data.db \\
+    scannet-jax predict --workdir=runs/qm9_homo mols.xyz POSCAR data.db \\
         --output=scored.extxyz --png=pictures --json=table.json
+    scannet-jax predict --model=scannplus-qm9-homo mols.xyz --png=pictures
+    scannet-jax predict --list-models
+
+(``python main.py predict ...`` in a checkout is the same command.)
 
 Every file is read with ``datasets.xyz.iread_frames`` (any format ASE reads, every frame; a CIF
 one data block at a time, a block with a partially occupied site refused naming the site).
@@ -44,10 +48,12 @@ EXIT_SOME_FAILED = 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python main.py predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", help="structure files (any format ase.io.read reads)")
+    parser = argparse.ArgumentParser(prog="scannet-jax predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help="structure files (any format ase.io.read reads)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="training workdir, or a checkpoint directory inside one")
+    source.add_argument("--model", help="a pre-built model shipped with the package (see --list-models)")
+    source.add_argument("--list-models", action="store_true", help="list the pre-built models and exit")
     source.add_argument("--original-weights", help="weights of the original model (.npz or Keras .h5)")
     parser.add_argument("--target-mean", type=float, default=0.0, help="with --original-weights: target mean")
     parser.add_argument("--target-std", type=float, default=1.0, help="with --original-weights: target std")
@@ -58,7 +64,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="predict structures with elements absent from the training data")
     parser.add_argument("--batch-size", type=int, default=128, help="structures per padded batch")
     parser.add_argument("--num-workers", type=int, default=None, help="featurisation processes (default: all cores)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.list_models and not args.files:
+        parser.error("the structure files to predict are required")
+    return args
+
+
+def list_models() -> str:
+    """A table of the pre-built models: name, target, units, test MAE, training cost."""
+    from scannet_jax import pretrained
+
+    rows = [("name", "target", "test MAE", "structures (train/val/test)", "training")]
+    for name in pretrained.names():
+        card = pretrained.card(name)
+        n = card["structures"]
+        rows.append((name, card["target"], f"{card['mae']['test']:.4g} {card['units']}".rstrip(),
+                     f"{n['train']}/{n['validation']}/{n['test']}", card.get("training", "")))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _png_name(path: str, frame: int) -> str:
@@ -123,6 +146,9 @@ def _format_table(rows: list[dict[str, Any]], units: str) -> str:
 def main(argv: list[str]) -> int:
     """Runs the command on ``argv`` (the arguments after ``predict``); returns the exit status."""
     args = parse_args(argv)
+    if args.list_models:
+        print(list_models())
+        return 0
     _check_output(args.output, "--output")
     _check_output(args.json, "--json")
     if args.png and Path(args.png).exists() and not Path(args.png).is_dir():
@@ -132,6 +158,11 @@ def main(argv: list[str]) -> int:
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers}
     if args.workdir:
         predictor = predict.Predictor.from_workdir(args.workdir, **options)
+    elif args.model:
+        try:
+            predictor = predict.Predictor.pretrained(args.model, **options)
+        except ValueError as err:
+            raise SystemExit(f"error: --model={args.model}: {err}") from err
     else:
         predictor = predict.Predictor.from_original(args.original_weights, mean=args.target_mean,
                                                     std=args.target_std, **options)

@@ -179,6 +179,17 @@ class Predictor:
                    domain=domain, **kwargs)
 
     @classmethod
+    def pretrained(cls, name: str, **kwargs: Any) -> Predictor:
+        """A pre-built model shipped with the package (`scannet_jax.pretrained.names()`).
+
+        Raises:
+          ValueError: for an unknown name, listing the available ones.
+        """
+        from scannet_jax import pretrained
+
+        return cls.from_workdir(pretrained.path(name), **kwargs)
+
+    @classmethod
     def from_original(cls, weights: str | os.PathLike, config: Any = None, *, mean: float = 0.0,
                       std: float = 1.0, target: str = "y", units: str = "",
                       settings: FeaturizerSettings = FeaturizerSettings(mode="original"),
@@ -282,7 +293,7 @@ class Predictor:
             store = GraphStore.from_structures(
                 [atoms_list[p].numbers for p in good], features,
                 ring_aromatic=[f.ring_aromatic for f in features] if self.ring else None)
-            for position, prediction in zip(good, self._predict_store(store)):
+            for position, prediction in zip(good, self.predict_store(store)):
                 results[position] = prediction
                 if write:
                     atoms_list[position].info[self.target] = prediction.value
@@ -323,8 +334,9 @@ class Predictor:
                        f"(at most {self.domain.max_atoms})")
         return tuple(out)
 
-    def _predict_store(self, store: GraphStore) -> list[Prediction]:
-        """Predictions of every structure of ``store``, in store order."""
+    def predict_store(self, store: GraphStore) -> list[Prediction]:
+        """Predictions of every structure of an already featurised ``store`` (made with this
+        model's featuriser settings, e.g. a training data set's split), in store order."""
         n_node, n_edge = store.n_node, store.n_edge
         order = np.argsort(n_node, kind="stable")
         out: list[Prediction | None] = [None] * len(store)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from scannet_jax import batching, checkpoints, datasets, models, optim, parallel, reporting
+from scannet_jax import batching, checkpoints, datasets, models, optim, parallel, pretrained, reporting
 from scannet_jax.batching import BatchPlan
 from scannet_jax.datasets import featurize
 from scannet_jax.datasets.splits import Datasets, make_datasets
@@ -142,8 +142,8 @@ def setup(config: ml_collections.ConfigDict, data: Datasets | None = None,
     example = jax.tree.map(lambda x: x[0], train_plan.batch(first))
     state = create_train_state(model, tx, example, data.mean, data.std, config.seed)
     if config.init_from:
-        state = state.replace(params=checkpoints.load_init_params(config.init_from, state.params,
-                                                                  config.model.to_dict()))
+        source = pretrained.resolve(config.init_from)  # a path, or a pre-built model's name
+        state = state.replace(params=checkpoints.load_init_params(source, state.params, config.model.to_dict()))
         log.info("initialised parameters from %s", config.init_from)
     state = parallel.replicate(state, mesh)
     steps = make_steps(mesh, config.model, config.loss, config.optimizer.l2)
