@@ -43,6 +43,8 @@ nor to the choice of origin. The source's augmentation (§3.3: every distinct se
 swapping two lattice axes is a training sample) is `LstmConfig.augment` here: one stored setting
 drawn per structure and step (a departure: each structure weighs the same, however many distinct
 settings it has); `LstmConfig.average_settings` is the source's test-time average over them.
+Both read the settings the store holds: ``config.data.featurizer.settings = "swaps"`` (the source's
+xy, yz and xz swaps) or ``"permutations"`` (all six); with ``"original"`` both are no-ops.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ class LstmNet(nn.Module):
     @nn.compact
     def __call__(self, batch: Any, train: bool = False) -> tuple[jax.Array, None]:
         cfg = self.config
+        batch = jax.tree.map(jnp.asarray, batch)  # jraph's masks index n_node with traced values
         graphs = batch.graphs
         orders = batch.extras[ATOM_ORDERS]
         atoms = orders.fields["atoms"]  # [R]

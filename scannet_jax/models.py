@@ -388,7 +388,8 @@ def _lstm_config(values: Mapping[str, Any]) -> lstm.LstmConfig:
 register("lstm", ModelSpec(
     build=lambda values: lstm.LstmNet(config=_lstm_config(values)),
     # head_features as a list: what a config holds after its JSON round trip in a workdir
-    default_config=lambda: {**dataclasses.asdict(lstm.LstmConfig()), "head_features": list(lstm.LstmConfig.head_features)},
+    default_config=lambda: {**dataclasses.asdict(lstm.LstmConfig()),
+                            "head_features": list(lstm.LstmConfig.head_features)},
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
     num_elements=lambda values: int(values.get("max_atomic_number", lstm.MAX_ATOMIC_NUMBER)) + 1,

@@ -317,7 +317,8 @@ def average_over_settings(predictions: np.ndarray, structure_index: np.ndarray, 
 
 
 def setting_orders(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray | None, pbc: Any,
-                   permutations: Sequence[Sequence[int]] = (IDENTITY,)) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+                   permutations: Sequence[Sequence[int]] = (IDENTITY,)
+                   ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """The atom orders of a structure's distinct settings, one after the other (a store's ``atom_orders``).
 
     Crystals: the settings kept by `equivalent_settings` among `permutations` (the first, normally
