@@ -5,7 +5,6 @@ experiments/make_onecycle_fixture.py in the reference environment."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -197,7 +196,8 @@ def test_unknown_optimizer_is_rejected():
 def test_tiny_alignn_trains_with_the_recipe():
     """Tiny ALIGNN on MP crystals through the trainer's jitted step with AdamW + one-cycle, the rate
     set per epoch as the loop does: β1 follows the cycle step by step, the first update has the
-    cycle's initial rate lr/25 (Adam's first direction is ±1 per element), and the loss falls. (tests/test_alignn_training.py runs the whole loop.)"""
+    cycle's initial rate lr/25 (Adam's first direction is ±1 per element), and the loss falls
+    (tests/test_alignn_training.py runs the whole loop with this recipe)."""
     from scannet_jax import batching, train
     from scannet_jax.datasets import featurize, mp, splits
     from scannet_jax.steps import set_learning_rate

@@ -85,3 +85,21 @@ def test_unknown_schedule_is_rejected():
         optim.step_factor_schedule(
             "step", steps_per_epoch=1, num_epochs=1, min_lr_ratio=1.0, legacy_decay=0.0
         )
+
+
+def test_keras_adam_state_injects_only_the_rate():
+    """The Keras path keeps the state layout of its checkpoints: one injected hyperparameter."""
+    import jax.numpy as jnp
+
+    from scannet_jax.configs import qm9
+
+    opt = qm9.get_config("homo").optimizer
+    state = optim.create_optimizer(opt, steps_per_epoch=10).init({"w": jnp.ones(3)})
+    assert set(state.hyperparams) == {"learning_rate"}
+
+
+def test_onecycle_factor_needs_its_shape():
+    with pytest.raises(ValueError, match="needs its OneCycle shape"):
+        optim.step_factor_schedule(
+            "onecycle", steps_per_epoch=1, num_epochs=1, min_lr_ratio=1.0, legacy_decay=0.0
+        )

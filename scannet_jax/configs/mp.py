@@ -3,7 +3,7 @@ recipe (reference §1, §2, §5) on the sets that install with the package.
 
 Usage: ``python main.py --config=configs/mp.py:e_form --workdir=runs/mp_e_form`` (formation
 energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (PBE band gap,
-1,056 crystals of Petousis et al. 2016). The argument is ``set[,tiny][,scann]``:
+1,056 crystals of Petousis et al. 2016). The argument is ``set[,tiny][,scann|,alignn]``:
 
 * set: ``e_form`` or ``gap``;
 * ``tiny``: a few epochs with a small model (smoke runs, tests);

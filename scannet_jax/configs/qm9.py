@@ -9,7 +9,9 @@ The argument is ``target[,variant...][,key=value...]``:
 * ``scann``: SCANN (no geometry update, ρ weights) instead of SCANN+;
 * ``ring``: add the ring/aromatic atom flags;
 * ``alignn``: ALIGNN with its reference training recipe (`alignn_recipe`, zoo-reference.md §1)
-  on its own graphs; the reference's QM9 graphs start the neighbour search at 5 Å;
+  on its own k-NN graphs of the molecules (no periodic images, see knn.py), the search started
+  at 5 Å as the reference's QM9 recipe does (for a molecule the bonds do not depend on it); the
+  target standardised as above (the reference trains on the standardised ``qm9_std_jctc``);
 * ``limit=N``: use only the first N molecules.
 
 Every field can also be overridden on the command line, e.g. ``--config.batch_size=64``.
