@@ -18,8 +18,11 @@ import numpy as np
 # the estimate times this margin, plus a fixed allowance for compiling and writing results.
 FINAL_EVAL_MARGIN = 1.2
 FINAL_EVAL_OVERHEAD_S = 30.0
-# Before any validation pass is timed, a forward pass is taken to cost this fraction of a step.
+# Before any validation pass is timed, a forward pass is taken to cost this fraction of a step,
+# and the guess keeps back at most this fraction of the budget (a guess from a slow interval
+# stopped 130-minute QM9 runs in their first epoch; the first validation pass measures it).
 FORWARD_FRACTION_OF_STEP = 1.0 / 3.0
+GUESS_MAX_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +93,21 @@ class WallClock:
         self.final_eval_s = 0.0
         self.measured = False
         self.intervals = 0
+        self.fastest = 0.0  # structures/s of the fastest log interval after the first
         self.last_save = self.start
 
     def train_speed(self, structures_per_s: float) -> None:
-        """Estimates the final evaluation from the training speed of a log interval, until an
-        evaluation speed is measured. The run's first interval is not used: it includes the
-        compilations, which made a 95-minute budget stop before the first epoch on a busy
-        machine."""
+        """Guesses the final evaluation from the training speed of log intervals, until an
+        evaluation speed is measured: from the fastest interval so far (compilations of later
+        buckets and a busy machine only slow intervals down), never the run's first (it includes
+        the first compilation), and at most ``GUESS_MAX_FRACTION`` of the budget."""
         self.intervals += 1
-        if not self.measured and self.intervals > 1:
-            self.final_eval_s = (FINAL_EVAL_MARGIN * self.final_structures
-                                 / (FORWARD_FRACTION_OF_STEP * max(structures_per_s, 1e-9)) + FINAL_EVAL_OVERHEAD_S)
+        if self.intervals > 1:
+            self.fastest = max(self.fastest, structures_per_s)
+        if not self.measured and self.fastest > 0:
+            guess = (FINAL_EVAL_MARGIN * self.final_structures / (FORWARD_FRACTION_OF_STEP * self.fastest)
+                     + FINAL_EVAL_OVERHEAD_S)
+            self.final_eval_s = min(guess, GUESS_MAX_FRACTION * self.limit_s) if self.limit_s else guess
 
     def eval_speed(self, structures_per_s: float) -> None:
         """Sets the final evaluation time from a measured evaluation speed."""
