@@ -21,8 +21,9 @@ MAE of the best-validation epoch.
   /work/venvs/alignn_ref/bin/python), never imported here. The subset is written in the
   reference's JSON folder format (``id_prop.json`` of jarvis ``Atoms`` records, as
   ``train_alignn.py --root_dir`` reads; see `write_reference_folder`) with a ``TrainingConfig``
-  JSON; ``experiments/alignn_ref/reference_alignn.py`` times its graph building (``graphs``) and trains it (``train``; see that file for why the
-  training loop is written there: ``train_dgl`` of 2026.8.11 does not train the ``alignn`` model).
+  JSON; ``experiments/alignn_ref/reference_alignn.py`` times its graph building (``graphs``) and
+  trains it (``train``; see that file for why the training loop is written there: ``train_dgl``
+  of 2026.8.11 does not train the ``alignn`` model).
 
 Figures, per side and round: graph construction structures/s (one process; ours
 `featurize.build_store`, i.e. k-NN bonds, line graph and the store's arrays; the reference's
@@ -303,12 +304,17 @@ def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str],
     per_round = []
     for record in rounds:
         ours, ref = record["ours"], record["reference"]
-        if ref["split_ids"] != expected:
-            raise RuntimeError("the reference's split differs from the stored split's subset")
+        if ref["split_ids"] != expected or ref["graphs"]["ids"] != names:
+            raise RuntimeError("the reference's split or order differs from the stored split's subset")
         ours_rate, ours_what = steady_rate(ours["epochs"])
         ref_rate, ref_what = steady_rate(ref["epochs"])
         same_bonds = sum(a == b for a, b in zip(ours["n_edge"], ref["graphs"]["n_edge"]))
         same_triplets = sum(a == b for a, b in zip(ours["n_triplet"], ref["graphs"]["n_triplet"]))
+        differing = [{"id": name, "ours": [ours["n_edge"][k], ours["n_triplet"][k]],
+                      "reference": [ref["graphs"]["n_edge"][k], ref["graphs"]["n_triplet"][k]]}
+                     for k, name in enumerate(names)
+                     if (ours["n_edge"][k], ours["n_triplet"][k])
+                     != (ref["graphs"]["n_edge"][k], ref["graphs"]["n_triplet"][k])]
         row = {
             "ours": {"test_mae": ours["test_mae_best_val"], "graph_structures_per_s": ours["graph_structures_per_s"],
                      "train_structures_per_s": ours_rate, "peak_rss_mib": ours["process"]["peak_rss_mib"],
@@ -320,6 +326,7 @@ def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str],
             "reference_test_mae_last_epoch": ref["test_mae_last_epoch"],
             "train_rate_epochs": {"ours": ours_what, "reference": ref_what},
             "structures_with_equal_bond_counts": same_bonds, "structures_with_equal_triplet_counts": same_triplets,
+            "graph_counts_differ (bonds, triplets)": differing,
         }
         for side in ("ours", "reference"):
             for key, value in row[side].items():
