@@ -62,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", help="write the table as JSON")
     parser.add_argument("--allow-unseen-elements", action="store_true",
                         help="predict structures with elements absent from the training data")
+    parser.add_argument("--average-settings", action="store_true",
+                        help="lstm models: average the prediction over the crystal settings made by swapping "
+                             "two lattice axes (test-time averaging)")
     parser.add_argument("--batch-size", type=int, default=128, help="structures per padded batch")
     parser.add_argument("--num-workers", type=int, default=None, help="featurisation processes (default: all cores)")
     args = parser.parse_args(argv)
@@ -156,14 +159,16 @@ def main(argv: list[str]) -> int:
     from scannet_jax import predict, render
 
     options = {"batch_size": args.batch_size, "num_workers": args.num_workers}
-    if args.workdir:
-        predictor = predict.Predictor.from_workdir(args.workdir, **options)
-    elif args.model:
-        try:
+    if args.average_settings:
+        options["average_settings"] = True
+    try:
+        if args.workdir:
+            predictor = predict.Predictor.from_workdir(args.workdir, **options)
+        elif args.model:
             predictor = predict.Predictor.pretrained(args.model, **options)
-        except ValueError as err:
-            raise SystemExit(f"error: --model={args.model}: {err}") from err
-    else:
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    if args.original_weights:
         predictor = predict.Predictor.from_original(args.original_weights, mean=args.target_mean,
                                                     std=args.target_std, **options)
     errors: list[dict[str, Any]] = []

@@ -364,7 +364,8 @@ def _alignn_config(values: Mapping[str, Any]) -> alignn.AlignnConfig:
 
 
 # ALIGNN (zoo-reference.md §1): defaults of §1.9. No loss regulariser: the reference's weight decay
-# (AdamW, 1e-5) belongs to the optimiser, which optim.py does not offer yet (Keras-2 Adam only).
+# (AdamW, 1e-5, on alignn.utils.group_decay's parameter groups) belongs to the optimiser
+# (optim.create_optimizer with optimizer.name = "adamw"; configs/qm9.py's alignn_recipe).
 register("alignn", ModelSpec(
     build=lambda values: alignn.AlignnNet(config=_alignn_config(values)),
     default_config=lambda: dataclasses.asdict(alignn.AlignnConfig()),

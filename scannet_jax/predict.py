@@ -39,7 +39,7 @@ from ase.data import chemical_symbols
 from scannet_jax import batching, checkpoints, models, steps, structures
 from scannet_jax.batching import Bucket
 from scannet_jax.datasets import featurize
-from scannet_jax.graphs import Domain, GraphStore
+from scannet_jax.graphs import BUILTIN_SETS, Domain, GraphStore
 from scannet_jax.neighbors import FeaturizerSettings
 
 EDGES_PER_NODE = 6  # QM9 has at most 5.7 edges per atom (4.4 on average)
@@ -89,9 +89,20 @@ def _ladder(n_graph: int, cap_nodes: int) -> list[Bucket]:
     return out
 
 
-def _own_bucket(n_node: int, n_edge: int, n_graph: int) -> Bucket:
+def _own_bucket(totals: dict[str, int], padding: dict[str, int], n_graph: int) -> Bucket:
+    """A bucket of ``n_graph`` graphs holding ``totals`` real rows per set plus ``padding``: nodes
+    and edges rounded up to 64, extra sets (e.g. triplets) to the next 64·√2^k, so that batches of
+    a graph builder with extra sets share a few compiled shapes."""
     up = lambda x: max(int(math.ceil(x / 64) * 64), 64)  # noqa: E731
-    return Bucket(up(n_node + 1), up(n_edge), n_graph)
+
+    def ladder_up(x: int) -> int:
+        return next(size for size in (up(MIN_NODES * math.sqrt(2) ** k) for k in range(200)) if size >= x)
+
+    extras = tuple((name, ladder_up(rows + padding.get(name, 0))) for name, rows in sorted(totals.items())
+                   if name not in BUILTIN_SETS)
+    n_node = (up if not extras else ladder_up)(totals["nodes"] + padding["nodes"])
+    n_edge = (up if not extras else ladder_up)(totals["edges"] + padding["edges"])
+    return Bucket(n_node, n_edge, n_graph, extras)
 
 
 class Predictor:
@@ -110,14 +121,28 @@ class Predictor:
       batch_size: structures per padded batch.
       num_workers: featurisation processes for lists of at least ``PARALLEL_THRESHOLD``
         structures (default: all cores); the pool persists until ``close()``.
+      average_settings: test-time averaging of a network that depends on the crystal's setting
+        (``lstm``): the mean prediction over the distinct settings made by swapping two lattice
+        axes (`neighbor_lists.equivalent_settings`), the source's equivalent settings.
+
+    Raises:
+      ValueError: ``average_settings`` for a network without settings.
     """
 
     def __init__(self, model_config: Any, params: Any, *, model_state: Any = None, settings: FeaturizerSettings,
                  ring: bool = False, target: str = "y", units: str = "", mean: float = 0.0, std: float = 1.0,
-                 domain: Domain = Domain(), batch_size: int = 128, num_workers: int | None = None):
+                 domain: Domain = Domain(), batch_size: int = 128, num_workers: int | None = None,
+                 average_settings: bool = False):
         self.model_config = models._as_dict(model_config)
         self.model_config.setdefault("name", models.model_name(self.model_config))
         self.spec = models.get_spec(self.model_config)
+        if average_settings:
+            if "average_settings" not in self.model_config:
+                raise ValueError(f"average_settings: the {self.model_config['name']} network has no crystal "
+                                 "settings to average over (the lstm network has)")
+            self.model_config["average_settings"] = True
+            if getattr(settings, "settings", None) == "original":  # stored orders of the swapped settings too
+                settings = dataclasses.replace(settings, settings="swaps")
         self.num_elements = self.spec.num_elements(self.model_config)
         self.settings = settings
         self.ring = ring
@@ -290,9 +315,8 @@ class Predictor:
                 good.remove(position)
         features = [f for f in featurized if not isinstance(f, StructureError)]
         if good:
-            store = GraphStore.from_structures(
-                [atoms_list[p].numbers for p in good], features,
-                ring_aromatic=[f.ring_aromatic for f in features] if self.ring else None)
+            store = featurize.store_from_featurized([atoms_list[p].numbers for p in good], features, self.settings,
+                                                    ring=self.ring)
             for position, prediction in zip(good, self.predict_store(store)):
                 results[position] = prediction
                 if write:
@@ -314,13 +338,18 @@ class Predictor:
         """Stops the featurisation worker processes (if any were started)."""
         self.featurizer.close()
 
-    def bucket_for(self, n_node: int, n_edge: int, n_graph: int) -> Bucket:
-        """The padded shape of a batch with these real totals (ladder, or its own size)."""
+    def bucket_for(self, totals: dict[str, int], n_graph: int, padding: dict[str, int] | None = None) -> Bucket:
+        """The padded shape of a batch of ``n_graph`` structures with ``totals`` real rows per set
+        ("nodes", "edges", extra sets) and ``padding`` rows per set (`batching.padding_rows`):
+        the ladder, or, beyond it or with extra sets, its own size (`_own_bucket`)."""
         ladder = self.buckets[1] if n_graph == 1 else self.buckets[self.batch_size]
-        try:
-            return batching.select_bucket(n_node, n_edge, n_graph, ladder)
-        except ValueError:
-            return _own_bucket(n_node, n_edge, ladder[-1].n_graph)
+        padding = {"nodes": 1, "edges": 0} if padding is None else padding
+        if set(totals) == set(BUILTIN_SETS):
+            try:
+                return batching.select_bucket(totals["nodes"], totals["edges"], n_graph, ladder, padding=padding)
+            except ValueError:
+                pass
+        return _own_bucket(totals, padding, ladder[-1].n_graph)
 
     def _warnings(self, n_node: int, n_edge: int) -> tuple[str, ...]:
         """Reasons to distrust a prediction of a structure of these sizes."""
@@ -338,13 +367,16 @@ class Predictor:
         """Predictions of every structure of an already featurised ``store`` (made with this
         model's featuriser settings, e.g. a training data set's split), in store order."""
         n_node, n_edge = store.n_node, store.n_edge
+        counts = {name: store.counts(name) for name in (*BUILTIN_SETS, *sorted(store.extras))}
+        padding = batching.padding_rows(store)
         order = np.argsort(n_node, kind="stable")
         out: list[Prediction | None] = [None] * len(store)
         for start in range(0, len(store), self.batch_size):
             indices = order[start:start + self.batch_size]
-            bucket = self.bucket_for(int(n_node[indices].sum()), int(n_edge[indices].sum()), len(indices))
-            graphs = batching.pad_batch(store, indices, bucket, None)
-            values, scores = jax.device_get(self._apply(self._variables, graphs))
+            totals = {name: int(count[indices].sum()) for name, count in counts.items()}
+            bucket = self.bucket_for(totals, len(indices), padding)
+            batch = batching.pad_batch(store, indices, bucket, None)
+            values, scores = jax.device_get(self._apply(self._variables, batch))
             ends = np.cumsum(n_node[indices])
             for k, (s, end) in enumerate(zip(indices, ends)):
                 atom_scores = None if scores is None else np.asarray(scores[end - n_node[s]:end], np.float64)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import ase.io
 import jax
 import numpy as np
 import pytest
@@ -194,3 +195,32 @@ def test_alignn_config_and_registry():
     assert float(spec.regularizer({}, 1.0)) == 0.0
     with pytest.raises(ValueError, match="unknown key"):
         models.build_model({"name": "alignn", "hidden": 3})
+
+
+def test_predictor_and_command_line_apply_an_alignn_workdir(mp_run, tmp_path, capsys):
+    """`Predictor` builds the triplets the network needs from the workdir's graph builder; its
+    predictions on the test crystals give the trainer's test MAE, batched or one at a time."""
+    from scannet_jax import cli_predict, predict
+    from scannet_jax.datasets import mp
+
+    config, data, workdir, results = mp_run
+    atoms, _ = mp.read("e_form")
+    test = [atoms[int(i)] for i in data.indices("test")]
+    predictor = predict.Predictor.from_workdir(workdir, batch_size=4, num_workers=1)
+    batched = predictor(test, allow_unseen_elements=True)  # 24 training crystals miss some elements
+    values = np.array([p.value for p in batched])
+    targets = data.store.targets[data.target][data.indices("test")]
+    assert np.abs(values - targets).mean() == pytest.approx(results["mae"]["test"], rel=1e-4, abs=1e-6)
+    assert all(p.ga_scores is None for p in batched)
+    np.testing.assert_allclose([predictor(a, allow_unseen_elements=True).value for a in test[:2]], values[:2], rtol=1e-5, atol=1e-6)
+    predictor.close()
+
+    path = tmp_path / "test.extxyz"
+    ase.io.write(path, test[:3], format="extxyz")
+    table = tmp_path / "table.json"
+    assert cli_predict.main(["--workdir", str(workdir), str(path), "--json", str(table), "--num-workers", "1",
+                             "--allow-unseen-elements"]) == 0
+    assert "this network scores no atoms" in capsys.readouterr().err
+    rows = json.loads(table.read_text())["structures"]
+    np.testing.assert_allclose([r["prediction"] for r in rows], values[:3], rtol=1e-5, atol=1e-6)
+    assert all(r["ga_scores"] is None and r["top_atoms"] == [] for r in rows)

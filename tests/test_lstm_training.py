@@ -192,24 +192,14 @@ def test_registry_entry():
 
 @pytest.fixture(scope="module")
 def mp_run(tmp_path_factory):
-    import ml_collections
-
     from scannet_jax import train
     from scannet_jax.configs import mp as mp_config
     from scannet_jax.datasets import mp, splits
 
-    config = mp_config.get_config("gap,tiny")
-    config.data.graph_builder = "neighbour_list"
-    config.data.featurizer = ml_collections.ConfigDict({"num_neighbours": 19, "tolerance": 1e-3, "settings": "swaps"})
-    config.data.ring = False
-    config.model = models.default_model_config("lstm")
-    config.model.update({**SMALL, "head_features": list(SMALL["head_features"]), "augment": True})
-    config.loss = "mse"
-    config.optimizer.lr = 3e-3
-    config.optimizer.min_lr = 3e-3
-    config.optimizer.schedule = "constant"
-    config.optimizer.legacy_decay = 0.0
-    config.optimizer.l2 = 0.0
+    config = mp_config.get_config("gap,tiny,lstm,augment")
+    assert config.model.to_dict() == {**models.default_model_config("lstm").to_dict(), **SMALL,
+                                      "head_features": list(SMALL["head_features"]), "augment": True}
+    config.optimizer.update(lr=3e-3, min_lr=3e-3)  # 40 crystals, 5 epochs: a faster constant rate
     config.num_epochs = 5
     config.batch_size = 8
     config.eval_batch_size = 8
@@ -269,3 +259,25 @@ def test_one_atom_molecule_and_crystal(params):
     np.testing.assert_allclose(store.distances[:12], 3.6 / np.sqrt(2), rtol=1e-6)  # 12 nearest, then 6 at a
     y = apply(params, padded(store))
     assert np.isfinite(y).all() and y[0] != 0
+
+
+def test_predictor_averages_over_swapped_settings(mp_run):
+    """Predictor(average_settings=True) gives the mean of the plain predictions of the crystal
+    written in each of its distinct axis-swapped settings (same atoms, cell rows permuted)."""
+    from scannet_jax import predict
+
+    config, data, workdir, results = mp_run
+    plain = predict.Predictor.from_workdir(workdir, num_workers=1)
+    averaged = predict.Predictor.from_workdir(workdir, num_workers=1, average_settings=True)
+    crystal = ase.Atoms("LiMgAlO", scaled_positions=[[0.1, 0.2, 0.3], [0.55, 0.1, 0.7], [0.3, 0.6, 0.05],
+                                                     [0.8, 0.75, 0.45]],
+                        cell=[[3.1, 0.0, 0.0], [0.4, 3.7, 0.0], [0.3, 0.2, 4.4]], pbc=True)
+    perms = nl.equivalent_settings(crystal.numbers, crystal.positions, np.asarray(crystal.cell))
+    assert len(perms) == 4  # a triclinic cell: every swap is a different setting
+    values = [plain(ase.Atoms(crystal.numbers, crystal.positions, cell=np.asarray(crystal.cell)[list(p)], pbc=True),
+                    allow_unseen_elements=True).value for p in perms]
+    assert len(set(np.round(values, 6))) > 1  # the network depends on the setting
+    mean = averaged(crystal, allow_unseen_elements=True).value
+    assert mean == pytest.approx(np.mean(values), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="the scannplus network has no crystal settings to average over"):
+        predict.Predictor.pretrained("scannplus-mp-gap", average_settings=True)

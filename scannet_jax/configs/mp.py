@@ -3,7 +3,7 @@ recipe (reference §1, §2, §5) on the sets that install with the package.
 
 Usage: ``python main.py --config=configs/mp.py:e_form --workdir=runs/mp_e_form`` (formation
 energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (PBE band gap,
-1,056 crystals of Petousis et al. 2016). The argument is ``set[,tiny][,scann|,alignn]``:
+1,056 crystals of Petousis et al. 2016). The argument is ``set[,tiny][,scann|,alignn|,lstm[,augment]]``:
 
 * set: ``e_form`` or ``gap``;
 * ``tiny``: a few epochs with a small model (smoke runs, tests);
@@ -14,6 +14,11 @@ energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (
   AdamW (lr 1e-3, weight decay 1e-5 with the reference's parameter groups) under a one-cycle
   schedule stepped per batch, batches of 64, 300 epochs. With ``tiny``: one ALIGNN and one GCN
   layer of 32 features, the tiny config's epochs.
+* ``lstm``: the LSTM neighbour-list model (zoo-reference.md §3, ``scannet_jax/lstm.py``) on the
+  19-nearest-neighbour lists (``graph_builder = "neighbour_list"``), MSE loss, Adam at a constant
+  1e-3, batches of 32 (the source states neither loss nor optimiser: both are choices);
+  ``augment`` adds the source's axis-swap augmentation (the xy, yz and xz swaps of the lattice
+  stored as atom orders; one drawn per structure and step).
 
 From the original's MP2018 recipe: ``d_t`` = 6 Å, ``gaussian_d`` = 6 Å, a 95-row element table,
 GA normalisation on, no target standardisation; everything else as for QM9 (``configs/qm9.py``).
@@ -34,7 +39,8 @@ SETS = {"e_form": ("mp_e_form", "formation_energy_per_atom", "eV/atom"),
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the Materials Project config for ``arg`` (see module docstring)."""
-    args = common.parse_arg(arg, positional=("set",), set="e_form", tiny=False, scann=False, alignn=False)
+    args = common.parse_arg(arg, positional=("set",), set="e_form", tiny=False, scann=False, alignn=False,
+                            lstm=False, augment=False)
     if args.set not in SETS:
         raise ValueError(f"configs/mp.py: unknown set {args.set!r}; known: {sorted(SETS)}")
     config = qm9.get_config(",".join(["homo"] + [v for v in ("tiny", "scann") if getattr(args, v)]))
@@ -50,4 +56,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.n_atoms = 95
     if args.alignn:
         qm9.alignn_recipe(config, args.tiny)
+    if args.lstm:
+        lstm_recipe(config, args.tiny, args.augment)
+    elif args.augment:
+        raise ValueError("configs/mp.py: 'augment' is an option of the 'lstm' model")
     return config
+
+
+def lstm_recipe(config: ml_collections.ConfigDict, tiny: bool, augment: bool) -> None:
+    """Turns ``config`` into the LSTM neighbour-list model's (see the module docstring)."""
+    from scannet_jax import models  # deferred: keeps `import scannet_jax.configs.mp` free of JAX
+
+    config.data.graph_builder = "neighbour_list"
+    config.data.featurizer = ml_collections.ConfigDict(
+        {"num_neighbours": 19, "tolerance": 1e-3, "settings": "swaps" if augment else "original"})
+    config.data.ring = False
+    config.model = models.default_model_config("lstm")
+    config.model.augment = augment
+    config.loss = "mse"
+    config.optimizer.update(lr=1e-3, min_lr=1e-3, schedule="constant", legacy_decay=0.0, eps=1e-8, l2=0.0)
+    config.batch_size, config.eval_batch_size = 32, 64
+    if tiny:
+        config.model.update({"embedding_dim": 8, "atom_features": 12, "crystal_features": 10, "head_features": [8]})
+        config.batch_size = config.eval_batch_size = 8

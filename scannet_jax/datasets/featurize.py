@@ -524,8 +524,31 @@ def build_store(
     """
     featurized = list(featurize_structures(structures, settings, ring=ring, num_workers=num_workers,
                                            progress=progress))
+    return store_from_featurized([s.numbers for s in structures], featurized, settings, targets=targets,
+                                 index=index, ring=ring)
+
+
+def store_from_featurized(
+    numbers: Sequence[np.ndarray],
+    featurized: Sequence[Featurized],
+    settings: Any,
+    *,
+    targets: Mapping[str, Sequence[float]] | None = None,
+    index: Sequence[int] | None = None,
+    ring: bool = False,
+) -> GraphStore:
+    """Packs featurised structures into a `GraphStore`, with the extra sets (e.g. ALIGNN's
+    triplets) of the graph builder whose settings ``settings`` are.
+
+    Args:
+      numbers: S arrays [N_s] of atomic numbers.
+      featurized: S `Featurized`, from that builder.
+      settings: the builder's settings.
+      targets, index: as `graphs.GraphStore.from_structures`.
+      ring: the structures carry ring/aromatic flags.
+    """
     store = GraphStore.from_structures(
-        [s.numbers for s in structures], featurized, targets=targets, index=index,
+        numbers, featurized, targets=targets, index=index,
         ring_aromatic=[f.ring_aromatic for f in featurized] if ring else None)
     for name, refers in builder_of(settings).extras.items():
         store = store.with_extra(name, [f.extras[name] for f in featurized], refers)
