@@ -28,6 +28,11 @@ The architecture follows the released AMDNet code (`hierarch_model.py::megnet_bl
   distances → 100 Gaussians on [0, 11] Å), each ending in Dense(16, ReLU), concatenated into
   Dense(32, ReLU) → Dense(1, linear).
 
+`MegnetNet` and `AmdnetNet` are the registered networks "megnet" and "amdnet" (models.py): they
+take the trainer's padded batch of a ``radius`` store (a GraphsTuple) or of a ``motif_dual`` store
+(a `batching.Batch` whose extra sets ``motifs`` and ``motif_edges`` hold the motif graph,
+`datasets.featurize.MotifDualGraph`; `batch_motif_graphs`) and return ``(predictions [G], None)``.
+
 No dropout and no L2 (the AMDNet recipe); ``train`` is accepted for the common interface and
 changes nothing. Band gaps: the reference clips predictions at 0 only when it reports the test
 MAE (`evaluate_AMDnet.py`: ``p = max(0, p)``), not in the training loss or the validation MAE
@@ -37,6 +42,7 @@ that picks the best epoch; `clip_band_gap` is that step, for test evaluation and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -183,7 +189,7 @@ class Set2Set(nn.Module):
         bias = self.param("recurrent_bias", lambda _, shape: jnp.concatenate([
             jnp.zeros(n), jnp.ones(n), jnp.zeros(2 * n)]).astype(jnp.float32), (4 * n,))
 
-        def step(_, q_star: jax.Array) -> jax.Array:  # [G, 2n] -> [G, 2n]
+        def step(q_star: jax.Array) -> jax.Array:  # [G, 2n] -> [G, 2n]
             z = q_star @ kernel + bias  # [G, 4n]: input, forget, cell, output gates
             cell = keras_hard_sigmoid(z[:, :n]) * jnp.tanh(z[:, 2 * n:3 * n])  # c never carried
             h = keras_hard_sigmoid(z[:, 3 * n:]) * jnp.tanh(cell)
@@ -192,8 +198,10 @@ class Set2Set(nn.Module):
             readout = jax.ops.segment_sum(attention[:, None] * memory, segment_ids, num_segments)
             return jnp.concatenate([h, readout], axis=-1)
 
-        return jax.lax.fori_loop(0, self.num_steps, step,
-                                 jnp.zeros((num_segments, 2 * n), memory.dtype))
+        q_star = jnp.zeros((num_segments, 2 * n), memory.dtype)
+        for _ in range(self.num_steps):  # unrolled: T is small (a loop carry would need manual axes under shard_map)
+            q_star = step(q_star)
+        return q_star
 
 
 class MEGNetBranch(nn.Module):
@@ -358,3 +366,45 @@ class AMDNet(nn.Module):
             jnp.concatenate([atom_vec, motif_vec], axis=-1)))
         y = keras_dense(1, name="output")(x)[:, 0]
         return jnp.where(_segments(graphs)[-1], y, 0.0)
+
+
+def batch_motif_graphs(batch: Any) -> jraph.GraphsTuple:
+    """The motif graphs of a padded ``motif_dual`` `batching.Batch`, in the `pad_batch` layout.
+
+    Nodes are the rows of the extra set ``motifs`` (``features`` [M, 61]), edges those of
+    ``motif_edges`` (``receivers`` / ``senders`` batch-global motif rows, ``distances`` [E_m] Å),
+    ``n_node`` / ``n_edge`` their ``n_row`` [G]. Graph g is structure g of ``batch.graphs``; the
+    padding graph holds every padding row and has at least one motif row (``motif_edges`` refers
+    to ``motifs``, so `batching.pad_batch` keeps one), as jraph's padding masks need.
+    """
+    motifs, edges = batch.extras["motifs"], batch.extras["motif_edges"]
+    return jraph.GraphsTuple(nodes={"features": motifs.fields["features"]},
+                             edges={"distances": edges.fields["distances"]},
+                             senders=edges.fields["senders"], receivers=edges.fields["receivers"],
+                             n_node=motifs.n_row, n_edge=edges.n_row, globals=None)
+
+
+class MegnetNet(nn.Module):
+    """`MEGNet` behind the model registry's contract (models.py): ``apply(variables, graphs,
+    train=...) -> (predictions [G], None)`` on the trainer's padded GraphsTuple of a ``radius``
+    store; padding graphs predict 0, no atom scores."""
+
+    network: MEGNet
+
+    @nn.compact
+    def __call__(self, graphs: jraph.GraphsTuple, train: bool = False) -> tuple[jax.Array, None]:
+        return self.network(jax.tree.map(jnp.asarray, graphs), train=train), None
+
+
+class AmdnetNet(nn.Module):
+    """`AMDNet` behind the model registry's contract (models.py): ``apply(variables, batch,
+    train=...) -> (predictions [G], None)`` on the trainer's padded `batching.Batch` of a
+    ``motif_dual`` store (atom graph ``batch.graphs``, motif graph `batch_motif_graphs`); padding
+    graphs predict 0, no atom scores."""
+
+    network: AMDNet
+
+    @nn.compact
+    def __call__(self, batch: Any, train: bool = False) -> tuple[jax.Array, None]:
+        batch = jax.tree.map(jnp.asarray, batch)
+        return self.network(batch.graphs, batch_motif_graphs(batch), train=train), None

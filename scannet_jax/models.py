@@ -395,3 +395,44 @@ register("lstm", ModelSpec(
     node_scores=None,
     num_elements=lambda values: int(values.get("max_atomic_number", lstm.MAX_ATOMIC_NUMBER)) + 1,
 ))
+
+
+# The MEGNet-family networks (zoo-reference.md §2.6, `scannet_jax.megnet`). Imported here, after
+# `keras_embedding_init`, which megnet.py imports from this module.
+from scannet_jax import megnet  # noqa: E402
+
+
+def _module_config(module: type[nn.Module], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config's values as keyword arguments of the Flax module ``module``.
+
+    Raises:
+      ValueError: for a key that is not one of the module's hyper-parameters.
+    """
+    values = {k: v for k, v in values.items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    return values
+
+
+def _module_defaults(module: type[nn.Module]) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
+# MEGNet alone on the ``radius`` atom graph, and AMDNet on the ``motif_dual`` store (atom graph and
+# motif graph): the released code's architecture and ReLU; no regulariser (no L2 in the recipe, §2.7).
+register("megnet", ModelSpec(
+    build=lambda values: megnet.MegnetNet(megnet.MEGNet(**_module_config(megnet.MEGNet, values))),
+    default_config=lambda: _module_defaults(megnet.MEGNet),
+    regularizer=lambda params, coeff: jnp.float32(0.0),
+    node_scores=None,
+    num_elements=lambda values: int(values.get("num_species", megnet.NUM_SPECIES)),
+))
+register("amdnet", ModelSpec(
+    build=lambda values: megnet.AmdnetNet(megnet.AMDNet(**_module_config(megnet.AMDNet, values))),
+    default_config=lambda: _module_defaults(megnet.AMDNet),
+    regularizer=lambda params, coeff: jnp.float32(0.0),
+    node_scores=None,
+    num_elements=lambda values: int(values.get("num_species", megnet.NUM_SPECIES)),
+))

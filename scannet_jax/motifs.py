@@ -88,6 +88,18 @@ FINGERPRINT_LABELS: tuple[str, ...] = tuple(
     for label in (f"wt CN_{cn}", *(f"{m} CN_{cn}" for m in CN_TARGET_MOTIFS.get(cn, ()))))
 FINGERPRINT_DIM = len(FINGERPRINT_LABELS)  # 61
 
+# ChemEnv's coordination-geometry symbols, in the order of pymatgen's `AllCoordinationGeometries`
+# (the 65 of the released `MOST_OCCURING_ENVS`, then DD:20, UNKNOWN and UNCLEAR); a motif's
+# environment id (`environment_ids`) is its position here.
+ENVIRONMENTS: tuple[str, ...] = (
+    "S:1", "L:2", "A:2", "TL:3", "TY:3", "TS:3", "T:4", "S:4", "SY:4", "SS:4", "PP:5", "S:5", "T:5",
+    "O:6", "T:6", "PP:6", "PB:7", "ST:7", "ET:7", "FO:7", "C:8", "SA:8", "SBT:8", "TBT:8", "DD:8",
+    "DDPN:8", "HB:8", "BO_1:8", "BO_2:8", "BO_3:8", "TC:9", "TT_1:9", "TT_2:9", "TT_3:9", "HD:9",
+    "TI:9", "SMA:9", "SS:9", "TO_1:9", "TO_2:9", "TO_3:9", "PP:10", "PA:10", "SBSA:10", "MI:10",
+    "S:10", "H:10", "BS_1:10", "BS_2:10", "TBSA:10", "PCPA:11", "H:11", "SH:11", "CO:11", "DI:11",
+    "I:12", "PBP:12", "TT:12", "C:12", "AC:12", "SC:12", "S:12", "HP:12", "HA:12", "SH:13", "DD:20",
+    "UNKNOWN", "UNCLEAR")
+
 
 class MotifError(ValueError):
     """A structure whose motifs cannot be found (not an oxide, no cation, ChemEnv failure)."""
@@ -161,6 +173,19 @@ def motif_graph(atoms: ase.Atoms, *, name: str | None = None) -> MotifGraph:
                       environments=np.asarray(environments, dtype=str),
                       receivers=receivers[order], senders=senders[order],
                       distances=distances[order], sharing=sharing[order], shifts=shifts[order])
+
+
+def environment_ids(symbols: Sequence[str]) -> np.ndarray:
+    """Positions in `ENVIRONMENTS` of ChemEnv symbols [M] (e.g. ``"O:6"`` -> 13), int64 [M].
+
+    Raises:
+      ValueError: for a symbol not in `ENVIRONMENTS`.
+    """
+    index = {symbol: k for k, symbol in enumerate(ENVIRONMENTS)}
+    unknown = sorted({str(s) for s in symbols} - index.keys())
+    if unknown:
+        raise ValueError(f"ChemEnv symbols {unknown} are not in motifs.ENVIRONMENTS")
+    return np.array([index[str(s)] for s in symbols], np.int64)
 
 
 def motif_graphs(structures: Sequence[ase.Atoms], *, names: Sequence[str] | None = None,

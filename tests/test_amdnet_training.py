@@ -1,0 +1,214 @@
+"""MEGNet and AMDNet through the one trainer: the ``radius`` and ``motif_dual`` stores against
+`radius_graph` and `motifs`, per-structure refusals of non-oxides, the registered ``megnet`` and
+``amdnet`` networks on padded batches, and a tiny AMDNet training run on MP oxides' band gaps."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.spacegroup import crystal
+
+from scannet_jax import batching, megnet, models, motifs
+from scannet_jax.datasets import featurize
+from scannet_jax.radius_graph import radius_neighbors
+from scannet_jax.structures import from_atoms
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen's oxidation-state guesses
+
+NUM_MP = 24  # smallest MP band-gap oxides of the training run: 16 train, 4 validation, 4 test
+# A narrow AMDNet (same operations, faster to compile).
+SMALL = {"num_blocks": 1, "n1": 16, "n2": 8, "n3": 4, "num_steps": 2}
+SMALL_AMDNET = {**SMALL, "num_output_embedding": 4, "num_last_layer": 8}
+
+
+def oxides() -> list[Atoms]:
+    rutile = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
+                     cellpar=[4.594, 4.594, 2.959, 90, 90, 90])
+    perovskite = crystal(["Sr", "Ti", "O"], basis=[(0.5, 0.5, 0.5), (0, 0, 0), (0.5, 0, 0)],
+                         spacegroup=221, cellpar=[3.905] * 3 + [90] * 3)
+    return [bulk("MgO", "rocksalt", a=4.21), rutile, perovskite]
+
+
+@functools.cache
+def dual_store():
+    structures = oxides()
+    return featurize.build_store([from_atoms(a) for a in structures], featurize.graph_settings("motif_dual", {}),
+                                 targets={"y": np.arange(len(structures), dtype=float)}, num_workers=1,
+                                 progress=False)
+
+
+def _rows(extra, s: int) -> dict[str, np.ndarray]:
+    return {k: v[extra.ptr[s]:extra.ptr[s + 1]] for k, v in extra.fields.items()}
+
+
+def test_motif_dual_store_holds_the_atom_and_motif_graphs():
+    store = dual_store()
+    assert featurize.graph_settings("motif_dual", {}).key() == "motifdual1-d5"
+    assert featurize.graph_settings("radius", {"cutoff": 4.0}).key() == "radius1-d4"
+    assert {k: dict(v.refers) for k, v in store.extras.items()} == {
+        "motifs": {"centers": "nodes"}, "motif_edges": {"senders": "motifs", "receivers": "motifs"}}
+    radius = featurize.build_store([from_atoms(a) for a in oxides()], featurize.RadiusSettings(),
+                                   num_workers=1, progress=False)
+    assert not radius.extras
+    for s, atoms in enumerate(oxides()):
+        nb, graph = radius_neighbors(atoms, cutoff=5.0), motifs.motif_graph(atoms)
+        e = slice(store.edge_ptr[s], store.edge_ptr[s + 1])
+        for built in (store, radius):
+            np.testing.assert_array_equal(built.receivers[e], nb.receivers)
+            np.testing.assert_array_equal(built.senders[e], nb.senders)
+            np.testing.assert_array_equal(built.distances[e], nb.distances.astype(np.float32))
+        rows = _rows(store.extras["motifs"], s)
+        np.testing.assert_array_equal(rows["centers"], graph.centers)
+        np.testing.assert_array_equal(rows["features"], graph.features.astype(np.float32))
+        assert [motifs.ENVIRONMENTS[k] for k in rows["environments"]] == graph.environments.tolist()
+        edges = _rows(store.extras["motif_edges"], s)
+        np.testing.assert_array_equal(edges["receivers"], graph.receivers)
+        np.testing.assert_array_equal(edges["senders"], graph.senders)
+        np.testing.assert_array_equal(edges["distances"], graph.distances.astype(np.float32))
+        np.testing.assert_array_equal(edges["sharing"], graph.sharing)
+    # MgO: one octahedron (Mg, site 0); TiO2: two; SrTiO3: Sr cuboctahedron and Ti octahedron.
+    envs = store.extras["motifs"].fields["environments"]
+    assert [motifs.ENVIRONMENTS[k] for k in envs] == ["O:6", "O:6", "O:6", "C:12", "O:6"]
+    # The released generator's bug would leave self-loops only; here every edge joins real neighbours.
+    sharing = store.extras["motif_edges"].fields["sharing"]
+    assert (sharing != motifs.SELF_LOOP).all() and store.extras["motif_edges"].counts.tolist() == [18, 20, 40]
+    assert store.extras["motifs"].fields["features"].shape == (5, motifs.FINGERPRINT_DIM)
+
+
+def test_non_oxide_is_a_per_structure_error(tmp_path):
+    settings = featurize.MotifDualSettings()
+    structures = [from_atoms(bulk("Si", "diamond", a=5.43)), from_atoms(oxides()[0]),
+                  from_atoms(bulk("NaCl", "rocksalt", a=5.64))]
+    with featurize.Featurizer(settings, num_workers=1) as featurizer:
+        results = list(featurizer.map(structures))
+    assert isinstance(results[1], featurize.Featurized) and results[1].extras["motifs"]["centers"].tolist() == [0]
+    for k, formula in ((0, "Si2"), (2, "ClNa")):
+        assert isinstance(results[k], featurize.FeaturizationError) and results[k].position == k
+        assert results[k].kind == "MotifError"
+        assert str(results[k]) == f"structure {k}: MotifError: {formula}: not an oxide (no O atom in {formula})"
+    with pytest.raises(featurize.FeaturizationError, match=r"^crystal 0 \(Si\): MotifError: Si2: not an oxide"):
+        featurize.featurized_store("non_oxide", lambda: (structures[:1], {"y": [0.0]}), settings,
+                                   cache_dir=tmp_path, num_workers=1, describe=lambda k: f"crystal {k} (Si)")
+
+
+def _apply(name: str, options: dict, batch, seed: int = 0) -> np.ndarray:
+    net = models.build_model({"name": name, **options})
+    variables = jax.jit(net.init)(jax.random.key(seed), batch)
+    y, scores = jax.jit(net.apply)(variables, batch)
+    assert scores is None
+    return np.asarray(y)
+
+
+def test_registered_networks_ignore_padding():
+    store = dual_store()
+    tight = batching.worst_case_bucket(store, np.arange(3), 3, round_to=1)
+    loose = batching.Bucket(tight.n_node + 7, tight.n_edge + 31, tight.n_graph + 2,
+                            tuple((name, rows + 5) for name, rows in tight.extras))
+    assert dict(tight.extras) == {"motif_edges": 78, "motifs": 6}  # one padding motif, none else
+    net = models.build_model({"name": "amdnet", **SMALL_AMDNET})
+    batch = batching.pad_batch(store, np.arange(3), tight, "y")
+    variables = jax.jit(net.init)(jax.random.key(0), batch)
+    apply = jax.jit(net.apply)
+    a = np.asarray(apply(variables, batch)[0])
+    b = np.asarray(apply(variables, batching.pad_batch(store, np.arange(3), loose, "y"))[0])
+    np.testing.assert_allclose(b[:3], a[:3], rtol=1e-5, atol=1e-6)
+    assert (a[3:] == 0).all() and (b[3:] == 0).all() and len(np.unique(a[:3])) == 3
+    alone = np.asarray(apply(variables, batching.pad_batch(store, np.array([2, 0]), loose, "y"))[0])
+    np.testing.assert_allclose(alone[:2], a[[2, 0]], rtol=1e-5, atol=1e-6)
+    # The motif branch reads the motif graph: other motif features change the predictions.
+    moved = batch._replace(extras={**batch.extras, "motifs": batch.extras["motifs"]._replace(
+        fields={**batch.extras["motifs"].fields, "features": batch.extras["motifs"].fields["features"] + 0.5})})
+    assert np.abs(np.asarray(apply(variables, moved)[0])[:3] - a[:3]).min() > 0
+    # MEGNet alone on the radius store, two paddings.
+    radius = featurize.build_store([from_atoms(x) for x in oxides()], featurize.RadiusSettings(),
+                                   targets={"y": np.zeros(3)}, num_workers=1, progress=False)
+    megnet_net = models.build_model({"name": "megnet", **SMALL})
+    graphs = batching.pad_batch(radius, np.arange(3), batching.Bucket(tight.n_node, tight.n_edge, 4), "y")
+    megnet_vars = jax.jit(megnet_net.init)(jax.random.key(1), graphs)
+    megnet_apply = jax.jit(megnet_net.apply)
+    c = np.asarray(megnet_apply(megnet_vars, graphs)[0])
+    wide = batching.pad_batch(radius, np.arange(3), batching.Bucket(tight.n_node + 9, tight.n_edge + 40, 7), "y")
+    np.testing.assert_allclose(np.asarray(megnet_apply(megnet_vars, wide)[0])[:3], c[:3], rtol=1e-5, atol=1e-6)
+    assert c[3] == 0 and len(np.unique(c[:3])) == 3
+
+
+def test_registry_entries():
+    assert models.default_model_config("amdnet").to_dict() == {
+        "name": "amdnet", "num_species": 95, "embedding_dim": 16, "atom_cutoff": 5.0, "motif_cutoff": 11.0,
+        "num_gaussians_atom": 100, "num_gaussians_motif": 100, "num_blocks": 3, "n1": 64, "n2": 32, "n3": 16,
+        "num_steps": 3, "num_output_embedding": 16, "num_last_layer": 32, "activation": "relu"}
+    spec = models.get_spec("megnet")
+    assert spec.node_scores is None and spec.num_elements(spec.default_config()) == 95
+    assert spec.default_config()["cutoff"] == 5.0 and float(spec.regularizer({}, 1.0)) == 0.0
+    net = models.build_model({"name": "megnet"})
+    assert isinstance(net, megnet.MegnetNet) and net.network == megnet.MEGNet()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['motif_cutoff'\]"):
+        models.build_model({"name": "megnet", "motif_cutoff": 3.0})
+
+
+@pytest.fixture(scope="module")
+def mp_run(tmp_path_factory):
+    from scannet_jax import train
+    from scannet_jax.configs import mp as mp_config
+    from scannet_jax.datasets import mp, splits
+
+    config = mp_config.get_config("gap,tiny")
+    config.data.graph_builder = "motif_dual"
+    config.data.featurizer = ml_collections.ConfigDict({"cutoff": 5.0})
+    config.model = models.default_model_config("amdnet")
+    config.model.update(SMALL_AMDNET)
+    config.loss = "mse"
+    config.optimizer.update(lr=3e-3, min_lr=3e-3, schedule="constant", legacy_decay=0.0, eps=1e-7, l2=0.0)
+    config.num_epochs = 4
+    config.batch_size = config.eval_batch_size = 8
+    config.num_buckets = 1
+    config.checkpoint_every_steps = 0
+    atoms, _ = mp.read("gap")
+    smallest = sorted((a for a in atoms if "O" in a.symbols and set(a.symbols) != {"O"}), key=len)[:NUM_MP]
+    settings = featurize.graph_settings(config.data.graph_builder, config.data.featurizer.to_dict())
+    target = config.data.target
+    store = featurize.build_store([from_atoms(a) for a in smallest], settings,
+                                  targets={target: [a.info[target] for a in smallest]}, num_workers=1,
+                                  progress=False)
+    order = np.random.default_rng(0).permutation(NUM_MP)
+    split = {"train": np.sort(order[:16]), "validation": np.sort(order[16:20]), "test": np.sort(order[20:])}
+    data = splits.make_datasets(store, split, target, config.data.standardize)
+    workdir = tmp_path_factory.mktemp("mp_amdnet")
+    results = train.train_and_evaluate(config, str(workdir), data=data)
+    return config, data, workdir, results
+
+
+def test_tiny_amdnet_trains_on_mp_oxide_band_gaps(mp_run):
+    config, data, workdir, results = mp_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "val_mae" in r]
+    assert len(epochs) == config.num_epochs
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert results["num_structures"] == {"train": 16, "validation": 4, "test": 4}
+    for split in ("train", "validation", "test"):
+        assert np.isfinite(results["mae"][split])
+    assert results["compile_counts"]["train"] == 1
+    assert data.store.extras["motifs"].counts.min() >= 1
+
+
+def test_amdnet_best_checkpoint_restores(mp_run):
+    from scannet_jax import checkpoints, steps
+
+    config, data, workdir, results = mp_run
+    pretrained = checkpoints.load_pretrained(workdir)
+    net = models.build_model(config.model)
+    indices = data.indices("test")
+    bucket = batching.worst_case_bucket(data.store, indices, len(indices))
+    batch = batching.pad_batch(data.store, indices, bucket, data.target)
+    predictions, _ = steps.model_outputs(net.apply, {"params": pretrained.params, **pretrained.model_state},
+                                         batch, pretrained.scaler["mean"], pretrained.scaler["std"])
+    targets = data.store.targets[data.target][indices]
+    mae = np.abs(np.asarray(predictions)[:len(indices)] - targets).mean()
+    assert mae == pytest.approx(results["mae"]["test"], rel=1e-4, abs=1e-6)
