@@ -28,12 +28,13 @@ MAE of the best-validation epoch.
 Figures, per side and round: graph construction structures/s (one process; ours
 `featurize.build_store`, i.e. k-NN bonds, line graph and the store's arrays; the reference's
 ``Graph.atom_dgl_multigraph``, i.e. its neighbour search, line graph, DGL graphs and bond cosines;
-both after the structures are in memory), training structures/s in the steady state (training
-loop time of the epochs after the first, which holds ours' XLA compilation and the reference's
-warm-up; validation, checkpoints and logging excluded), test MAE, peak RSS and wall/CPU seconds of
-the training process (`os.wait4` of the subprocess: imports, graph building, training and
-evaluation). The bond and triplet counts of every crystal are compared between the sides.
-``--rounds`` repeats ours and the reference, interleaved, the side going first alternating.
+both after the structures are in memory), training structures/s in the steady state (the median
+over the epochs after the first, which holds ours' XLA compilation and the reference's warm-up,
+of structures trained / training-loop seconds; validation, checkpoints and logging excluded),
+test MAE, peak RSS and wall/CPU seconds of the training process (`os.wait4` of the subprocess:
+imports, graph building, training and evaluation). The bond and triplet counts of every crystal
+are compared between the sides. ``--rounds`` repeats ours and the reference, interleaved, the
+side going first alternating.
 
 Writes ``experiments/results/compare_alignn.json`` (``compare_alignn_smoke.json`` with ``--tiny``:
 a smoke test of the script, not the comparison).
@@ -224,10 +225,12 @@ def run_process(command: list[str], log: Path, cwd: Path | None = None) -> dict[
 
 
 def steady_rate(epochs: list[dict[str, Any]]) -> tuple[float, str]:
-    """Training structures/s over the epochs after the first (all epochs if only one ran)."""
+    """Training structures/s: the median over the epochs after the first of each epoch's structures
+    trained / training-loop seconds (the median keeps out an epoch that compiles a new padding
+    bucket); epoch 0 alone if only one ran."""
     timed = epochs[1:] or epochs
-    rate = sum(e["structures_trained"] for e in timed) / sum(e["epoch_time_s"] for e in timed)
-    what = (f"epochs {timed[0]['epoch']}-{timed[-1]['epoch']}" if len(epochs) > 1
+    rate = statistics.median(e["structures_trained"] / e["epoch_time_s"] for e in timed)
+    what = (f"median over epochs {timed[0]['epoch']}-{timed[-1]['epoch']}" if len(epochs) > 1
             else "epoch 0 only (includes compilation / warm-up)")
     return rate, what
 
@@ -364,9 +367,9 @@ def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str],
             "graph_structures_per_s": ("one process, structures already in memory: ours featurize.build_store "
                                        "(k-NN bonds, line graph, store arrays); the reference "
                                        "Graph.atom_dgl_multigraph (neighbours, line graph, DGL graphs)"),
-            "train_structures_per_s": ("structures trained / training-loop seconds over the epochs after the "
-                                       "first (ours' first epoch holds the XLA compilation); validation, "
-                                       "checkpoints and logging excluded"),
+            "train_structures_per_s": ("median over the epochs after the first (ours' first epoch holds the "
+                                       "XLA compilation) of structures trained / training-loop seconds; "
+                                       "validation, checkpoints and logging excluded"),
             "peak_rss_mib": ("peak RSS of the training process (os.wait4): imports, graph building, "
                              "training, evaluation"),
             "wall_s": "wall seconds of the training process (same span)",
