@@ -165,18 +165,21 @@ def _count_parameters(workdir: Path) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def reference_config(args: argparse.Namespace, model: dict[str, Any], epochs: int,
-                     sizes: dict[str, int]) -> dict[str, Any]:
-    """The reference's ``TrainingConfig`` for the same run (keys of alignn/config.py)."""
+def reference_config(args: argparse.Namespace, config, sizes: dict[str, int]) -> dict[str, Any]:
+    """The reference's ``TrainingConfig`` (keys of alignn/config.py) with ``config``'s settings."""
+    model, opt, graphs = config.model.to_dict(), config.optimizer, config.data.featurizer
+    if (config.loss, opt.name, opt.schedule, config.data.graph_builder) != ("mse", "adamw", "onecycle",
+                                                                           "knn_line_graph"):
+        raise ValueError("the reference runs only the ALIGNN recipe (MSE, AdamW, one-cycle, k-NN line graph)")
     return {
         "random_seed": args.seed, "n_train": sizes["train"], "n_val": sizes["validation"], "n_test": sizes["test"],
         "keep_data_order": True,  # id_prop.json lists train, validation, test in that order
-        "epochs": epochs, "batch_size": args.batch_size, "learning_rate": 1e-3, "weight_decay": 1e-5,
-        "criterion": "mse", "optimizer": "adamw", "scheduler": "onecycle",
-        "atom_features": "cgcnn", "neighbor_strategy": "k-nearest", "cutoff": 8.0, "max_neighbors": 12,
-        "use_canonize": True, "compute_line_graph": True, "dtype": "float32", "id_tag": "jid",
-        "num_workers": 0, "pin_memory": False, "use_lmdb": True, "n_early_stopping": None,
-        "write_checkpoint": False, "filename": "sample",
+        "epochs": int(config.num_epochs), "batch_size": args.batch_size, "learning_rate": float(opt.lr),
+        "weight_decay": float(opt.weight_decay), "criterion": "mse", "optimizer": "adamw", "scheduler": "onecycle",
+        "atom_features": "cgcnn", "neighbor_strategy": "k-nearest", "cutoff": float(graphs.cutoff),
+        "max_neighbors": int(graphs.max_neighbors), "use_canonize": True, "compute_line_graph": True,
+        "dtype": "float32", "id_tag": "jid", "num_workers": 0, "pin_memory": False, "use_lmdb": True,
+        "n_early_stopping": None, "write_checkpoint": False, "filename": "sample",
         "model": {k: model[k] for k in ("name", "alignn_layers", "gcn_layers", "atom_input_features",
                                         "edge_input_features", "triplet_input_features",
                                         "embedding_features", "hidden_features", "output_features", "link")},
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     folder = work / "reference_data"
     names = write_reference_folder(folder, atoms, chosen, config.data.target)
-    ref_config = reference_config(args, config.model.to_dict(), epochs, sizes)
+    ref_config = reference_config(args, config, sizes)
     (work / "reference_config.json").write_text(json.dumps(ref_config, indent=1))
     print(f"{sizes} crystals, {epochs} epochs, batch {args.batch_size}, "
           f"{'tiny' if args.tiny else 'full'} model; work files in {work}", flush=True)
