@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+from mp_subset import train_on_mp_subset  # tests/mp_subset.py
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 FIXTURES = REPO / "tests" / "fixtures" / "alignn"
-NUM_MP = 40  # MP e_form crystals of the training test: 24 train, 8 validation, 8 test
 
 
 def fixture_structures():
@@ -121,27 +122,13 @@ def test_trainer_path_gives_the_fixture_path_predictions():
 @pytest.fixture(scope="module")
 def mp_run(tmp_path_factory):
     from scannet_jax.configs import mp as mp_config
-    from scannet_jax import train
-    from scannet_jax.datasets import featurize, mp, splits
-    from scannet_jax.structures import from_atoms
 
     config = mp_config.get_config("e_form,tiny,alignn")
     config.num_epochs = 4
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.num_buckets = 1
-    config.checkpoint_every_steps = 0
-    atoms, _ = mp.read("e_form")
-    atoms = atoms[:NUM_MP]
-    settings = featurize.graph_settings(config.data.graph_builder, config.data.featurizer.to_dict())
-    target = config.data.target
-    store = featurize.build_store([from_atoms(a) for a in atoms], settings,
-                                  targets={target: [a.info[target] for a in atoms]}, num_workers=1, progress=False)
-    order = np.random.default_rng(0).permutation(NUM_MP)
-    split = {"train": np.sort(order[:24]), "validation": np.sort(order[24:32]), "test": np.sort(order[32:])}
-    data = splits.make_datasets(store, split, target, config.data.standardize)
     workdir = tmp_path_factory.mktemp("mp_alignn")
-    results = train.train_and_evaluate(config, str(workdir), data=data)
+    data, results = train_on_mp_subset(config, workdir)
     return config, data, workdir, results
 
 

@@ -19,7 +19,8 @@ from scannet_jax import batching, graphs, lstm, models, neighbor_lists as nl
 from scannet_jax.datasets import featurize
 from scannet_jax.structures import Structure, from_atoms
 
-NUM_MP = 40  # MP band-gap crystals of the training test: 24 train, 8 validation, 8 test
+from mp_subset import train_on_mp_subset  # tests/mp_subset.py
+
 SMALL = {"embedding_dim": 8, "atom_features": 12, "crystal_features": 10, "head_features": (8,)}
 
 
@@ -192,9 +193,7 @@ def test_registry_entry():
 
 @pytest.fixture(scope="module")
 def mp_run(tmp_path_factory):
-    from scannet_jax import train
     from scannet_jax.configs import mp as mp_config
-    from scannet_jax.datasets import mp, splits
 
     config = mp_config.get_config("gap,tiny,lstm,augment")
     assert config.model.to_dict() == {**models.default_model_config("lstm").to_dict(), **SMALL,
@@ -203,19 +202,8 @@ def mp_run(tmp_path_factory):
     config.num_epochs = 5
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.num_buckets = 1
-    config.checkpoint_every_steps = 0
-    atoms, _ = mp.read("gap")
-    atoms = atoms[:NUM_MP]
-    settings = featurize.graph_settings(config.data.graph_builder, config.data.featurizer.to_dict())
-    target = config.data.target
-    store = featurize.build_store([from_atoms(a) for a in atoms], settings,
-                                  targets={target: [a.info[target] for a in atoms]}, num_workers=1, progress=False)
-    order = np.random.default_rng(0).permutation(NUM_MP)
-    split = {"train": np.sort(order[:24]), "validation": np.sort(order[24:32]), "test": np.sort(order[32:])}
-    data = splits.make_datasets(store, split, target, config.data.standardize)
     workdir = tmp_path_factory.mktemp("mp_lstm")
-    results = train.train_and_evaluate(config, str(workdir), data=data)
+    data, results = train_on_mp_subset(config, workdir)
     return config, data, workdir, results
 
 
