@@ -10,6 +10,10 @@ Usage::
     python experiments/bench_predict.py                       # full-size QM9 model, random params
     python experiments/bench_predict.py --model=tiny
     python experiments/bench_predict.py --workdir=runs/qm9_homo
+    python experiments/bench_predict.py --pretrained=scannplus-qm9-homo
+
+What one call costs from a cold process start (import, load, compile) is
+``experiments/bench_cold_start.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from scannet_jax.structures import molecule  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="a trained workdir (default: random params, see --model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--workdir", help="a trained workdir (default: random params, see --model)")
+    source.add_argument("--pretrained", help="a pre-built model's name (scannet_jax.pretrained)")
     parser.add_argument("--model", choices=("full", "tiny"), default="full",
                         help="without --workdir: the QM9 model config (full) or configs/qm9.py:tiny sizes")
     parser.add_argument("--num-molecules", type=int, default=1000, help="molecules in the batched call")
@@ -78,6 +84,10 @@ def main() -> None:
         predictor = predict.Predictor.from_workdir(args.workdir, batch_size=args.batch_size,
                                                    num_workers=args.num_workers)
         model_name = f"workdir {args.workdir}"
+    elif args.pretrained:
+        predictor = predict.Predictor.pretrained(args.pretrained, batch_size=args.batch_size,
+                                                 num_workers=args.num_workers)
+        model_name = f"pre-built model {args.pretrained}"
     else:
         predictor = random_predictor(args.model, args.batch_size, args.num_workers)
         model_name = f"{args.model} QM9 model, random params"
