@@ -187,13 +187,23 @@ def scann_config(model_config: Mapping[str, Any] | ml_collections.ConfigDict) ->
     """
     if isinstance(model_config, ScannConfig):
         return model_config
-    values = _as_dict(model_config)
-    values.pop("name", None)
-    known = {f.name for f in dataclasses.fields(ScannConfig)}
+    return ScannConfig(**hyperparameters(ScannConfig, _as_dict(model_config)))
+
+
+def hyperparameters(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config's values (without ``name``) as keyword arguments of the dataclass or Flax
+    module ``cls``.
+
+    Raises:
+      ValueError: for a key that is not one of its fields (a Flax module's ``parent`` and ``name``
+        are not hyper-parameters).
+    """
+    values = {k: v for k, v in values.items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    return ScannConfig(**values)
+    return values
 
 
 def check_name(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
@@ -354,20 +364,12 @@ for _name, _g_update in _SCANN_G_UPDATE.items():
     register(_name, _scann_spec(_g_update))
 
 
-def _alignn_config(values: Mapping[str, Any]) -> alignn.AlignnConfig:
-    values = {k: v for k, v in values.items() if k != "name"}
-    known = {f.name for f in dataclasses.fields(alignn.AlignnConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    return alignn.AlignnConfig(**values)
-
-
 # ALIGNN (zoo-reference.md §1): defaults of §1.9. No loss regulariser: the reference's weight decay
 # (AdamW, 1e-5, on alignn.utils.group_decay's parameter groups) belongs to the optimiser
 # (optim.create_optimizer with optimizer.name = "adamw"; configs/qm9.py's alignn_recipe).
 register("alignn", ModelSpec(
-    build=lambda values: alignn.AlignnNet(config=_alignn_config(values)),
+    build=lambda values: alignn.AlignnNet(
+        config=alignn.AlignnConfig(**hyperparameters(alignn.AlignnConfig, values))),
     default_config=lambda: dataclasses.asdict(alignn.AlignnConfig()),
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
@@ -375,19 +377,10 @@ register("alignn", ModelSpec(
 ))
 
 
-def _lstm_config(values: Mapping[str, Any]) -> lstm.LstmConfig:
-    values = {k: v for k, v in values.items() if k != "name"}
-    known = {f.name for f in dataclasses.fields(lstm.LstmConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    return lstm.LstmConfig(**values)
-
-
 # The LSTM neighbour-list model (zoo-reference.md §3) on a ``neighbour_list`` store; the source
 # states no regulariser.
 register("lstm", ModelSpec(
-    build=lambda values: lstm.LstmNet(config=_lstm_config(values)),
+    build=lambda values: lstm.LstmNet(config=lstm.LstmConfig(**hyperparameters(lstm.LstmConfig, values))),
     # head_features as a list: what a config holds after its JSON round trip in a workdir
     default_config=lambda: {**dataclasses.asdict(lstm.LstmConfig()),
                             "head_features": list(lstm.LstmConfig.head_features)},
@@ -402,20 +395,6 @@ register("lstm", ModelSpec(
 from scannet_jax import megnet  # noqa: E402
 
 
-def _module_config(module: type[nn.Module], values: Mapping[str, Any]) -> dict[str, Any]:
-    """A model config's values as keyword arguments of the Flax module ``module``.
-
-    Raises:
-      ValueError: for a key that is not one of the module's hyper-parameters.
-    """
-    values = {k: v for k, v in values.items() if k != "name"}
-    known = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"model config: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    return values
-
-
 def _module_defaults(module: type[nn.Module]) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
 
@@ -423,14 +402,14 @@ def _module_defaults(module: type[nn.Module]) -> dict[str, Any]:
 # MEGNet alone on the ``radius`` atom graph, and AMDNet on the ``motif_dual`` store (atom graph and
 # motif graph): the released code's architecture and ReLU; no regulariser (no L2 in the recipe, §2.7).
 register("megnet", ModelSpec(
-    build=lambda values: megnet.MegnetNet(megnet.MEGNet(**_module_config(megnet.MEGNet, values))),
+    build=lambda values: megnet.MegnetNet(megnet.MEGNet(**hyperparameters(megnet.MEGNet, values))),
     default_config=lambda: _module_defaults(megnet.MEGNet),
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
     num_elements=lambda values: int(values.get("num_species", megnet.NUM_SPECIES)),
 ))
 register("amdnet", ModelSpec(
-    build=lambda values: megnet.AmdnetNet(megnet.AMDNet(**_module_config(megnet.AMDNet, values))),
+    build=lambda values: megnet.AmdnetNet(megnet.AMDNet(**hyperparameters(megnet.AMDNet, values))),
     default_config=lambda: _module_defaults(megnet.AMDNet),
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,

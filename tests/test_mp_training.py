@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import ase
 import numpy as np
 import pytest
 
@@ -82,3 +83,32 @@ def test_gap_trains_and_its_model_refuses_molecules(gap_run):
     assert np.isfinite(silicon.value) and silicon.ga_scores.sum() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(predict.StructureError, match="a non-periodic structure given to a crystal model"):
         predictor(molecule("H2O"))
+
+
+def test_oxides_only_keeps_each_splits_oxides():
+    from scannet_jax.datasets import mp
+
+    atoms, splits = mp.read("gap")
+    oxides, oxide_splits = mp.oxides(atoms, splits)
+    assert len(oxides) == 218 and {k: len(v) for k, v in oxide_splits.items()} == {
+        "train": 174, "validation": 20, "test": 24}
+    assert all(8 in a.numbers and len(set(a.numbers)) > 1 for a in oxides)
+    for split, index in splits.items():  # the same crystals, split by split
+        expected = [atoms[k].info["material_id"] for k in index if mp.is_oxide(atoms[k])]
+        assert [oxides[k].info["material_id"] for k in oxide_splits[split]] == expected
+    assert not mp.is_oxide(ase.Atoms("O2", cell=np.eye(3) * 4, pbc=True))  # oxygen alone is no oxide
+
+
+def test_megnet_and_amdnet_recipes_build_their_networks():
+    from scannet_jax import models
+    from scannet_jax.configs import mp as mp_config
+
+    for arg, builder in (("gap,amdnet", "motif_dual"), ("gap,megnet,oxides", "radius"),
+                         ("e_form,amdnet,tiny", "motif_dual")):
+        config = mp_config.get_config(arg)
+        assert config.data.graph_builder == builder and config.data.oxides_only
+        assert (config.optimizer.name, config.loss, config.patience) == ("adam", "mse", 100)
+        models.build_model(config.model)  # every key is one of the network's hyper-parameters
+    assert mp_config.get_config("gap,tiny,amdnet").optimizer.lr == 1e-2
+    assert mp_config.get_config("gap,amdnet").optimizer.lr == 5e-5
+    assert mp_config.get_config("gap").data.oxides_only is False

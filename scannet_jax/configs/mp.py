@@ -3,7 +3,8 @@ recipe (reference §1, §2, §5) on the sets that install with the package.
 
 Usage: ``python main.py --config=configs/mp.py:e_form --workdir=runs/mp_e_form`` (formation
 energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (PBE band gap,
-1,056 crystals of Petousis et al. 2016). The argument is ``set[,tiny][,scann|,alignn|,lstm[,augment]]``:
+1,056 crystals of Petousis et al. 2016). The argument is
+``set[,tiny][,scann|,alignn|,lstm[,augment]|,megnet|,amdnet][,oxides]``:
 
 * set: ``e_form`` or ``gap``;
 * ``tiny``: a few epochs with a small model (smoke runs, tests);
@@ -19,6 +20,12 @@ energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (
   1e-3, batches of 32 (the source states neither loss nor optimiser: both are choices);
   ``augment`` adds the source's axis-swap augmentation (the xy, yz and xz swaps of the lattice
   stored as atom orders; one drawn per structure and step).
+* ``megnet``, ``amdnet``: MEGNet on the 5 Å radius graph, or AMDNet on it and the oxides' motif
+  graph (``graph_builder = "motif_dual"``; zoo-reference.md §2), with the released recipe (§2.7):
+  Adam at a constant 5e-5, MSE, batches of 32, patience 100. ``amdnet`` implies ``oxides``;
+* ``oxides``: only the oxides of the set, each stored split restricted to them (1,232 of the
+  3,938 e_form crystals, 218 of the 1,056 gap crystals): the split every network is compared on
+  with AMDNet.
 
 From the original's MP2018 recipe: ``d_t`` = 6 Å, ``gaussian_d`` = 6 Å, a 95-row element table,
 GA normalisation on, no target standardisation; everything else as for QM9 (``configs/qm9.py``).
@@ -40,7 +47,7 @@ SETS = {"e_form": ("mp_e_form", "formation_energy_per_atom", "eV/atom"),
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the Materials Project config for ``arg`` (see module docstring)."""
     args = common.parse_arg(arg, positional=("set",), set="e_form", tiny=False, scann=False, alignn=False,
-                            lstm=False, augment=False)
+                            lstm=False, augment=False, megnet=False, amdnet=False, oxides=False)
     if args.set not in SETS:
         raise ValueError(f"configs/mp.py: unknown set {args.set!r}; known: {sorted(SETS)}")
     config = qm9.get_config(",".join(["homo"] + [v for v in ("tiny", "scann") if getattr(args, v)]))
@@ -60,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lstm_recipe(config, args.tiny, args.augment)
     elif args.augment:
         raise ValueError("configs/mp.py: 'augment' is an option of the 'lstm' model")
+    if args.megnet or args.amdnet:
+        megnet_recipe(config, args.tiny, "amdnet" if args.amdnet else "megnet")
+    config.data.oxides_only = args.oxides or args.amdnet
     return config
 
 
@@ -79,3 +89,23 @@ def lstm_recipe(config: ml_collections.ConfigDict, tiny: bool, augment: bool) ->
     if tiny:
         config.model.update({"embedding_dim": 8, "atom_features": 12, "crystal_features": 10, "head_features": [8]})
         config.batch_size = config.eval_batch_size = 8
+
+
+def megnet_recipe(config: ml_collections.ConfigDict, tiny: bool, name: str) -> None:
+    """Turns ``config`` into MEGNet's or AMDNet's (``name``; see the module docstring)."""
+    from scannet_jax import models  # deferred: keeps `import scannet_jax.configs.mp` free of JAX
+
+    config.data.graph_builder = "motif_dual" if name == "amdnet" else "radius"
+    config.data.featurizer = ml_collections.ConfigDict({"cutoff": 5.0})
+    config.data.ring = False
+    config.model = models.default_model_config(name)
+    config.loss = "mse"
+    config.optimizer.update(name="adam", lr=5e-5, min_lr=5e-5, schedule="constant", legacy_decay=0.0, eps=1e-7,
+                            l2=0.0, weight_decay=0.0)
+    config.batch_size, config.eval_batch_size = 32, 64
+    config.num_epochs, config.patience = 1000, 100
+    if tiny:
+        config.model.update({"num_blocks": 1, "n1": 16, "n2": 8, "n3": 4, "num_steps": 2,
+                             **({"num_output_embedding": 4, "num_last_layer": 8} if name == "amdnet" else {})})
+        config.optimizer.update(lr=1e-2, min_lr=1e-2)
+        config.batch_size, config.eval_batch_size = 4, 8

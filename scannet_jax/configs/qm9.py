@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.paths = ""  # files: comma-separated glob patterns
     config.data.file_format = ""  # files: property_xyz, extxyz or ase
     config.data.columns = ""  # files: target names joined by ":"
+    config.data.oxides_only = False  # mp_*: only the oxides, each split restricted to them
 
     config.model = models.default_model_config("scann" if args.scann else "scannplus")
     config.model.use_ring = args.ring

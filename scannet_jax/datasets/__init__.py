@@ -37,6 +37,8 @@ class Source:
       group_by: MD and file sets: what a split may not cut (``trajectory``, ``temperature``,
         ``structure``).
       molecules: MD and file sets: treat every structure as a molecule (drop cell and periodicity).
+      oxides_only: ``mp_*``: keep only the oxides (`mp.is_oxide`), each split restricted to them
+        (AMDNet's motifs exist only for oxides; the other networks compared with it set it too).
     """
 
     limit: int | None = None
@@ -46,6 +48,7 @@ class Source:
     columns: tuple[str, ...] = ()
     group_by: str = "trajectory"
     molecules: bool = False
+    oxides_only: bool = False
 
 
 Loader = Callable[..., tuple[GraphStore, dict[str, np.ndarray]]]
@@ -130,7 +133,8 @@ def _mp(name: str) -> Loader:
         del seed
         from scannet_jax.datasets import mp
 
-        return mp.load(name, featurizer, data_dir=source.source_dir or None, **common)
+        return mp.load(name, featurizer, data_dir=source.source_dir or None, oxides_only=source.oxides_only,
+                       **common)
 
     return loader
 

@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,7 +35,10 @@ from scannet_jax.datasets import featurize
 from scannet_jax.graphs import GraphStore
 from scannet_jax.structures import from_atoms
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "validation", "test")
+OXYGEN = 8
 MIN_VOLUME = 1e-3  # Å³, as in data/convert_matminer.py
 
 
@@ -149,6 +153,21 @@ def read(name: str, path: str | Path | None = None) -> tuple[list[ase.Atoms], di
     return structures, splits
 
 
+def is_oxide(atoms: ase.Atoms) -> bool:
+    """Whether a crystal holds oxygen and at least one other element (AMDNet's oxides, §2.3)."""
+    elements = set(atoms.numbers.tolist())
+    return OXYGEN in elements and len(elements) > 1
+
+
+def oxides(atoms: list[ase.Atoms], splits: dict[str, np.ndarray]) -> tuple[list[ase.Atoms], dict[str, np.ndarray]]:
+    """The oxides among ``atoms`` (file order) and each split's oxides, re-indexed to them."""
+    keep = np.array([k for k, a in enumerate(atoms) if is_oxide(a)], np.int64)
+    position = np.full(len(atoms), -1, np.int64)
+    position[keep] = np.arange(len(keep))
+    return ([atoms[k] for k in keep],
+            {split: position[index][position[index] >= 0] for split, index in splits.items()})
+
+
 def load(
     name: str,
     settings: Any,
@@ -157,6 +176,7 @@ def load(
     cache_dir: str | Path | None = None,
     ring: bool = False,
     num_workers: int | None = None,
+    oxides_only: bool = False,
 ) -> tuple[GraphStore, dict[str, np.ndarray]]:
     """A converted set (`read`) featurised into the cached `GraphStore`, with its stored split.
 
@@ -170,6 +190,8 @@ def load(
       cache_dir: cache root (None = `featurize.default_cache_dir()`).
       ring: add per-atom [in ring, aromatic] flags.
       num_workers: featurisation processes (None = all cores).
+      oxides_only: keep only the oxides (`is_oxide`), in file order, and each stored split's
+        oxides (so every model on the oxides is trained and tested on the same crystals).
 
     Returns:
       (store, splits): the crystals in file order (target ``DATASETS[name].target`` in its
@@ -180,6 +202,10 @@ def load(
       featurize.FeaturizationError: naming the crystal whose graph could not be built.
     """
     atoms, splits = read(name, data_dir)
+    if oxides_only:
+        atoms, splits = oxides(atoms, splits)
+        log.info("mp %s: %d oxides (train/validation/test %s)", name, len(atoms),
+                 "/".join(str(len(splits[k])) for k in SPLITS))
     target = DATASETS[name].target
     crystals = [from_atoms(a) for a in atoms]
     values = np.array([a.info[target] for a in atoms], np.float64)
