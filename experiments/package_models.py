@@ -75,10 +75,21 @@ def main(argv: list[str]) -> None:
         "time": {"wall_h": round(wall_h, 3), "cpu_h": round(cpu_h, 3), "invocations": len(times)},
         "paper_test_mae": FLAGS.paper_mae or "none published for this data set",
     }
+    fields["structures"] = split_sizes(Path(FLAGS.workdir))
     final = pretrained.export(FLAGS.workdir, FLAGS.name, fields)
     print(f"wrote {final} ({sum(f.stat().st_size for f in final.rglob('*') if f.is_file()) / 2**20:.1f} MiB)")
     print(json.dumps({k: v for k, v in pretrained.card(FLAGS.name).items() if k != "config"}, indent=1))
     check_test_mae(FLAGS.name)
+
+
+def split_sizes(workdir: Path) -> dict[str, int]:
+    """Structures in each split of the run's data set (its results count only those evaluated)."""
+    import ml_collections
+
+    from scannet_jax import train
+
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    return {split: len(index) for split, index in train.get_datasets(config).splits.items()}
 
 
 def check_test_mae(name: str) -> None:

@@ -80,9 +80,9 @@ def export(workdir: str | os.PathLike, name: str, card_fields: dict[str, Any],
     """Writes pre-built model ``name`` from a finished training workdir.
 
     Copies the workdir's config, domain and scaler files and its newest ``best/<epoch>``
-    checkpoint, and writes the model card: ``card_fields`` (e.g. command, hardware, wall time)
-    followed by the run's test/validation MAE, best epoch and code version from
-    ``results.json``. The directory appears complete or not at all (written beside and renamed).
+    checkpoint, and writes the model card: ``card_fields`` (e.g. command, hardware, wall time;
+    ``structures``, the split sizes, overrides the counts the run evaluated) and the run's
+    test/validation MAE, best epoch and code version from ``results.json``. The directory appears complete or not at all (written beside and renamed).
 
     Raises:
       FileNotFoundError: if the workdir lacks one of these files or a best checkpoint.
@@ -96,8 +96,10 @@ def export(workdir: str | os.PathLike, name: str, card_fields: dict[str, Any],
                                 f"{', '.join(missing + ([] if steps else [checkpoints.BEST_DIR + '/<epoch>']))})")
     results = json.loads((workdir / "results.json").read_text())
     scaler = json.loads((workdir / checkpoints.SCALER_FILE).read_text())
-    values = {"name": name, **card_fields, "target": results["target"], "units": scaler.get("units", ""),
-              "structures": results["num_structures"], "best_epoch": results["best_epoch"],
+    values = {"name": name, "structures": results["num_structures"], **card_fields, "target": results["target"],
+              "units": scaler.get("units", ""),
+              "train_mae_on": results.get("train_mae_on", "the whole training split"),
+              "best_epoch": results["best_epoch"],
               "epochs_run": results["epochs_run"], "stop_reason": results.get("stop_reason", ""),
               "mae": results["mae"], "rmse": results.get("rmse", {}),
               "config": {k: results["config"][k] for k in ("model", "data") if k in results["config"]},

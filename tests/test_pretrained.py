@@ -30,7 +30,7 @@ def test_every_shipped_model_has_a_complete_card_and_a_best_checkpoint():
     from scannet_jax import checkpoints, pretrained
 
     names = pretrained.names()
-    assert {"scannplus-mp-e_form", "scannplus-mp-gap"} <= set(names)
+    assert {"scannplus-mp-e_form", "scannplus-mp-gap", "scannplus-qm9-homo", "scannplus-qm9-lumo"} <= set(names)
     for name in names:
         folder = pretrained.path(name)
         card = pretrained.card(name)
@@ -66,6 +66,21 @@ def test_band_gap_model_is_pinned():
 
     results = predict.Predictor.pretrained("scannplus-mp-gap")(crystals())
     np.testing.assert_allclose([r.value for r in results], [3.267585, 2.592173, 1.905811, 0.724878], atol=2e-5)
+
+
+def test_qm9_orbital_models_are_pinned_and_order_the_orbitals():
+    from ase.build import molecule
+
+    from scannet_jax import predict
+
+    molecules = [molecule(name) for name in ("C6H6", "H2O", "CH3CH2OH", "HCN")]
+    homo = [r.value for r in predict.Predictor.pretrained("scannplus-qm9-homo")(molecules)]
+    lumo = [r.value for r in predict.Predictor.pretrained("scannplus-qm9-lumo")(molecules)]
+    np.testing.assert_allclose(homo, [-6.199852, -8.091148, -7.170643, -9.940467], atol=2e-5)
+    np.testing.assert_allclose(lumo, [-0.125944, 1.918497, 2.030339, 0.404035], atol=2e-5)
+    assert all(h < l for h, l in zip(homo, lumo))  # the HOMO lies below the LUMO
+    card = predict.Predictor.pretrained("scannplus-qm9-homo")
+    assert card.domain.periodic is False and card.units == "eV"
 
 
 def test_unknown_model_name_lists_the_available_ones():
