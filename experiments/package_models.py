@@ -75,37 +75,36 @@ def main(argv: list[str]) -> None:
         "time": {"wall_h": round(wall_h, 3), "cpu_h": round(cpu_h, 3), "invocations": len(times)},
         "paper_test_mae": FLAGS.paper_mae or "none published for this data set",
     }
-    fields["structures"] = split_sizes(Path(FLAGS.workdir))
+    data = run_datasets(Path(FLAGS.workdir))
+    # The split sizes: the run's results count only the structures it evaluated.
+    fields["structures"] = {split: len(index) for split, index in data.splits.items()}
     final = pretrained.export(FLAGS.workdir, FLAGS.name, fields)
     print(f"wrote {final} ({sum(f.stat().st_size for f in final.rglob('*') if f.is_file()) / 2**20:.1f} MiB)")
     print(json.dumps({k: v for k, v in pretrained.card(FLAGS.name).items() if k != "config"}, indent=1))
-    check_test_mae(FLAGS.name)
+    check_test_mae(FLAGS.name, data)
 
 
-def split_sizes(workdir: Path) -> dict[str, int]:
-    """Structures in each split of the run's data set (its results count only those evaluated)."""
+def run_datasets(workdir: Path):
+    """The data set and splits of a training workdir's run (`train.get_datasets` on its config)."""
     import ml_collections
 
     from scannet_jax import train
 
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    return {split: len(index) for split, index in train.get_datasets(config).splits.items()}
+    return train.get_datasets(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
 
 
-def check_test_mae(name: str) -> None:
-    """Predicts the run's test split through the packaged model; its MAE must equal the card's."""
-    import ml_collections
+def check_test_mae(name: str, data) -> None:
+    """Predicts the run's test split (``data``, `run_datasets`) through the packaged model; its MAE
+    must equal the card's."""
     import numpy as np
 
-    from scannet_jax import predict, pretrained, train
+    from scannet_jax import predict, pretrained
 
     card = pretrained.card(name)
-    config = ml_collections.ConfigDict(json.loads((pretrained.path(name) / "config.json").read_text()))
-    data = train.get_datasets(config)
     test = data.test
     predictor = predict.Predictor.pretrained(name)
     values = np.array([p.value for p in predictor.predict_store(test)])
-    truth = np.asarray(test.targets[config.data.target])
+    truth = np.asarray(test.targets[data.target])
     mae = float(np.nanmean(np.abs(values - truth)))
     predictor.close()
     print(f"{name}: test MAE through the packaged model {mae:.6g} {card['units']}, card {card['mae']['test']:.6g}")

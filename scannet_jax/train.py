@@ -46,7 +46,8 @@ def data_source(data: ml_collections.ConfigDict) -> datasets.Source:
     return datasets.Source(limit=data.limit or None, source_dir=data.source_dir, paths=data.paths,
                            file_format=data.file_format,
                            columns=tuple(data.columns.split(":")) if data.columns else (),
-                           group_by=data.group_by, molecules=data.molecules, oxides_only=data.oxides_only)
+                           group_by=data.group_by, molecules=data.molecules,
+                           oxides_only=data.get("oxides_only", False))  # absent from configs saved before it
 
 
 def training_periodicity(data: ml_collections.ConfigDict) -> bool | None:

@@ -112,3 +112,14 @@ def test_megnet_and_amdnet_recipes_build_their_networks():
     assert mp_config.get_config("gap,tiny,amdnet").optimizer.lr == 1e-2
     assert mp_config.get_config("gap,amdnet").optimizer.lr == 5e-5
     assert mp_config.get_config("gap").data.oxides_only is False
+
+
+def test_a_config_saved_before_oxides_only_still_reads():
+    import ml_collections
+
+    from scannet_jax import train
+    from scannet_jax.configs import mp as mp_config
+
+    saved = mp_config.get_config("gap").to_dict()
+    del saved["data"]["oxides_only"]
+    assert train.data_source(ml_collections.ConfigDict(saved).data).oxides_only is False
