@@ -23,6 +23,12 @@ FINAL_EVAL_OVERHEAD_S = 30.0
 # stopped 130-minute QM9 runs in their first epoch; the first validation pass measures it).
 FORWARD_FRACTION_OF_STEP = 1.0 / 3.0
 GUESS_MAX_FRACTION = 0.5
+# optimizer.on_divergence = "reload_best" (MEGNet's ReduceLRUponNan, zoo-reference.md §2.7): an
+# epoch diverged if a step was non-finite or its loss is over this factor times the previous
+# epoch's; training stops once the halved rate falls below MIN_LR_AFTER_DIVERGENCE.
+DIVERGENCE_LOSS_FACTOR = 100.0
+MIN_LR_AFTER_DIVERGENCE = 1e-7
+DIVERGENCE_MODES = ("skip", "reload_best")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,8 @@ class RunSettings:
     prefetch: int
     target: str
     units: str
+    on_divergence: str = "skip"
+    prediction_floor: float | None = None
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
@@ -46,7 +54,23 @@ class RunSettings:
                    max_wall_time_s=config.max_wall_time_s, checkpoint_every_steps=config.checkpoint_every_steps,
                    checkpoint_every_minutes=config.checkpoint_every_minutes,
                    log_every_steps=max(config.log_every_steps, 1), prefetch=config.prefetch,
-                   target=config.data.target, units=config.data.units)
+                   target=config.data.target, units=config.data.units,
+                   on_divergence=check_divergence_mode(config.optimizer.on_divergence),
+                   prediction_floor=config.prediction_floor)
+
+
+def check_divergence_mode(mode: str) -> str:
+    if mode not in DIVERGENCE_MODES:
+        raise ValueError(f"config.optimizer.on_divergence={mode!r}: unknown; known: {', '.join(DIVERGENCE_MODES)}")
+    return mode
+
+
+def diverged(train_loss: float, nonfinite_steps: float, previous_loss: float | None) -> bool:
+    """Whether an epoch diverged in MEGNet's sense: a non-finite step, a non-finite loss, or a
+    loss over ``DIVERGENCE_LOSS_FACTOR`` times the previous epoch's."""
+    if nonfinite_steps > 0 or not math.isfinite(train_loss):
+        return True
+    return previous_loss is not None and train_loss > DIVERGENCE_LOSS_FACTOR * previous_loss
 
 
 @dataclasses.dataclass
@@ -57,7 +81,8 @@ class LoopState:
       epoch: current epoch (0-based).
       batch_index: batches of ``epoch`` already taken.
       epoch_lr: the epoch schedule's rate for ``epoch`` (None until the epoch starts).
-      lr_scale: product of the halvings after non-finite steps.
+      lr_scale: product of the halvings after non-finite steps or diverged epochs.
+      last_train_loss: the previous epoch's training loss (``diverged``), None before one.
       best_val_mae: best validation MAE so far (target units).
       best_epoch: its epoch (-1 before the first validation).
       epochs_since_best: epochs without improvement (early stopping).
@@ -69,6 +94,7 @@ class LoopState:
     batch_index: int = 0
     epoch_lr: float | None = None
     lr_scale: float = 1.0
+    last_train_loss: float | None = None
     best_val_mae: float = math.inf
     best_epoch: int = -1
     epochs_since_best: int = 0

@@ -36,7 +36,8 @@ take the trainer's padded batch of a ``radius`` store (a GraphsTuple) or of a ``
 No dropout and no L2 (the AMDNet recipe); ``train`` is accepted for the common interface and
 changes nothing. Band gaps: the reference clips predictions at 0 only when it reports the test
 MAE (`evaluate_AMDnet.py`: ``p = max(0, p)``), not in the training loss or the validation MAE
-that picks the best epoch; `clip_band_gap` is that step, for test evaluation and prediction.
+that picks the best epoch; the recipe's ``config.prediction_floor = 0`` is that step (the test
+figures of `train`, and `predict.Predictor`).
 """
 
 from __future__ import annotations
@@ -74,11 +75,6 @@ ACTIVATIONS: dict[str, Activation] = {"relu": jax.nn.relu, "softplus2": softplus
 def keras_hard_sigmoid(x: jax.Array) -> jax.Array:
     """Keras 2.4 / TF 2.3 ``hard_sigmoid``: clip(0.2 x + 0.5, 0, 1) (not jax.nn.hard_sigmoid)."""
     return jnp.clip(0.2 * x + 0.5, 0.0, 1.0)
-
-
-def clip_band_gap(predictions: jax.Array) -> jax.Array:
-    """max(0, p): the reference's post-processing of band-gap predictions at test time."""
-    return jnp.maximum(predictions, 0.0)
 
 
 def _segments(graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -117,6 +117,8 @@ class Predictor:
       target: name of the predicted quantity (``atoms.info`` key with ``write=True``).
       units: its units, e.g. "eV".
       mean, std: target scaler; predictions are model output · std + mean.
+      prediction_floor: predictions below it are raised to it (``config.prediction_floor``,
+        e.g. 0 for the AMDNet recipe's band gaps); None: none.
       domain: where the model may be applied.
       batch_size: structures per padded batch.
       num_workers: featurisation processes for lists of at least ``PARALLEL_THRESHOLD``
@@ -131,8 +133,8 @@ class Predictor:
 
     def __init__(self, model_config: Any, params: Any, *, model_state: Any = None, settings: FeaturizerSettings,
                  ring: bool = False, target: str = "y", units: str = "", mean: float = 0.0, std: float = 1.0,
-                 domain: Domain = Domain(), batch_size: int = 128, num_workers: int | None = None,
-                 average_settings: bool = False):
+                 prediction_floor: float | None = None, domain: Domain = Domain(), batch_size: int = 128,
+                 num_workers: int | None = None, average_settings: bool = False):
         self.model_config = models._as_dict(model_config)
         self.model_config.setdefault("name", models.model_name(self.model_config))
         self.spec = models.get_spec(self.model_config)
@@ -148,6 +150,7 @@ class Predictor:
         self.ring = ring
         self.target, self.units = target, units
         self.mean, self.std = float(mean), float(std)
+        self.prediction_floor = prediction_floor
         self.domain = domain
         self.batch_size = batch_size
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
@@ -201,7 +204,7 @@ class Predictor:
                    settings=featurize.graph_settings(data.get("graph_builder", "voronoi"), data["featurizer"]),
                    ring=bool(data.get("ring", False)), target=data["target"],
                    units=saved.get("units", data.get("units", "")), mean=scaler["mean"], std=scaler["std"],
-                   domain=domain, **kwargs)
+                   prediction_floor=config.get("prediction_floor"), domain=domain, **kwargs)
 
     @classmethod
     def pretrained(cls, name: str, **kwargs: Any) -> Predictor:
@@ -377,6 +380,8 @@ class Predictor:
             bucket = self.bucket_for(totals, len(indices), padding)
             batch = batching.pad_batch(store, indices, bucket, None)
             values, scores = jax.device_get(self._apply(self._variables, batch))
+            if self.prediction_floor is not None:
+                values = np.maximum(values, self.prediction_floor)
             ends = np.cumsum(n_node[indices])
             for k, (s, end) in enumerate(zip(indices, ends)):
                 atom_scores = None if scores is None else np.asarray(scores[end - n_node[s]:end], np.float64)

@@ -33,7 +33,8 @@ from scannet_jax import batching, checkpoints, datasets, models, optim, parallel
 from scannet_jax.batching import BatchPlan
 from scannet_jax.datasets import featurize
 from scannet_jax.datasets.splits import Datasets, make_datasets
-from scannet_jax.loop import LoopState, RunSettings, StopSignals, WallClock, agreed
+from scannet_jax.loop import (MIN_LR_AFTER_DIVERGENCE, LoopState, RunSettings, StopSignals, WallClock, agreed,
+                              diverged)
 from scannet_jax.steps import Steps, TrainState, create_train_state, make_steps, set_learning_rate
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def _summarise(sums: dict[str, float]) -> dict[str, float]:
     out = {"mae": sums["abs_err"] / count, "rmse": math.sqrt(sums["sq_err"] / count), "count": sums["count"]}
     if "steps" in sums:
         out["loss"] = sums["loss"] / max(sums["steps"] - sums["nonfinite"], 1.0)
+        out["nonfinite"] = sums["nonfinite"]
     return out
 
 
@@ -332,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
             last_batch = loop.batch_index == steps_per_epoch
             if loop.batch_index % run.log_every_steps == 0 or last_batch:
                 host = _host(sums)
-                if host["nonfinite"] > seen_nonfinite:
+                if host["nonfinite"] > seen_nonfinite and run.on_divergence == "skip":
                     loop.lr_scale *= 0.5
                     seen_nonfinite = host["nonfinite"]
                     log.warning("non-finite loss or gradient before step %d: update(s) skipped, state "
@@ -387,12 +389,16 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
                   "val_mae": val_metrics["mae"], "val_rmse": val_metrics["rmse"], "units": run.units,
                   "epoch_time_s": epoch_time, "train_mol_per_s": train_metrics["count"] / max(epoch_time, 1e-9),
                   "best_val_mae": loop.best_val_mae}
+        if run.on_divergence == "reload_best":
+            state, record["divergence"] = _handle_divergence(state, loop, ckpt, train_metrics, epoch)
         writer.write(record)
         log.info("epoch %d: loss %.4f train MAE %.4g val MAE %.4g %s (best %.4g @ %d), lr %.3g, %.0f mol/s",
                  epoch, record["train_loss"], record["train_mae"], record["val_mae"], run.units,
                  loop.best_val_mae, loop.best_epoch, record["lr"], record["train_mol_per_s"])
         loop.epoch, loop.batch_index, loop.epoch_lr, loop.epoch_sums = epoch + 1, 0, None, None
-        if loop.epochs_since_best >= run.patience:
+        if record.get("divergence", "").startswith("stopped"):
+            loop.stop_reason = record["divergence"]
+        elif loop.epochs_since_best >= run.patience:
             loop.stop_reason = f"early stopping: no validation improvement for {run.patience} epochs"
         elif clock.out_of_time():
             loop.stop_reason = f"max_wall_time_s={run.max_wall_time_s} reached after epoch {epoch}"
@@ -418,6 +424,35 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
     return results
 
 
+def _handle_divergence(state: TrainState, loop: LoopState, ckpt: checkpoints.Checkpointer,
+                       train_metrics: dict[str, float], epoch: int) -> tuple[TrainState, str]:
+    """MEGNet's ReduceLRUponNan at the end of ``epoch`` (``optimizer.on_divergence = "reload_best"``).
+
+    Returns the state to go on with and what was done ("" if the epoch did not diverge):
+    the rate halved and the best-validation parameters and model state reloaded (optimiser
+    moments kept, as Keras ``load_weights``), or training stopped below ``MIN_LR_AFTER_DIVERGENCE``.
+    """
+    previous, loop.last_train_loss = loop.last_train_loss, train_metrics["loss"]
+    if not diverged(train_metrics["loss"], train_metrics["nonfinite"], previous):
+        return state, ""
+    loop.lr_scale *= 0.5
+    rate = loop.epoch_lr * loop.lr_scale
+    why = (f"{train_metrics['nonfinite']:.0f} non-finite step(s)" if train_metrics["nonfinite"]
+           else f"loss {train_metrics['loss']:.4g} after {previous:.4g}")
+    if rate < MIN_LR_AFTER_DIVERGENCE:
+        done = f"stopped: epoch {epoch} diverged ({why}) and the halved learning rate {rate:.3g} is below " \
+               f"{MIN_LR_AFTER_DIVERGENCE:g}"
+    elif ckpt.best_meta() is None:
+        done = f"epoch {epoch} diverged ({why}): learning rate halved to {rate:.3g}; no best parameters yet"
+    else:
+        best = ckpt.restore_best(_best_tree(state))
+        state = state.replace(params=best["params"], model_state=best["model_state"])
+        done = (f"epoch {epoch} diverged ({why}): learning rate halved to {rate:.3g}, best-validation "
+                f"parameters of epoch {ckpt.best_meta()['epoch']} reloaded")
+    log.warning("%s", done)
+    return state, done
+
+
 def _final_evaluation(run: RunSettings, workdir: Path, ckpt: checkpoints.Checkpointer, trainer: Trainer,
                       state: TrainState, loop: LoopState, writer: reporting.MetricsWriter) -> dict[str, Any]:
     """Metrics of every split with the best-validation variables; parity plot and learning curves."""
@@ -430,6 +465,12 @@ def _final_evaluation(run: RunSettings, workdir: Path, ckpt: checkpoints.Checkpo
     plans, mesh, data = trainer.eval_plans, trainer.mesh, trainer.data
     maes = {name: evaluate(trainer.steps, state, plan, mesh, run.prefetch) for name, plan in plans.items()}
     predictions, targets = predict_split(trainer.steps, state, plans["test"], mesh)
+    unclipped = maes["test"]
+    if run.prediction_floor is not None:
+        predictions = np.maximum(predictions, run.prediction_floor)
+        finite = np.isfinite(targets)
+        error = predictions[finite] - targets[finite]
+        maes["test"] = {**unclipped, "mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error**2).mean()))}
     results = {
         "target": run.target,
         "units": run.units,
@@ -447,6 +488,9 @@ def _final_evaluation(run: RunSettings, workdir: Path, ckpt: checkpoints.Checkpo
         "target_scaler": {"mean": data.mean, "std": data.std, "computed_on": "training split"},
         "code_version": reporting.code_version(),
     }
+    if run.prediction_floor is not None:
+        results["prediction_floor"] = run.prediction_floor
+        results["test_unclipped"] = {"mae": unclipped["mae"], "rmse": unclipped["rmse"]}
     log.info("test MAE %.5g %s (%s)", results["test_mae"], run.units, params_from)
     if writer.enabled:
         reporting.plot_parity(workdir / reporting.PARITY_PLOT, predictions, targets, run.units, run.target)

@@ -175,6 +175,17 @@ def test_registry_entries():
         models.build_model({"name": "megnet", "motif_cutoff": 3.0})
 
 
+def test_released_recipe_reloads_on_divergence_and_clips_band_gaps_only():
+    from scannet_jax.configs import mp as mp_config
+
+    for arg, floor in (("gap,amdnet", 0.0), ("gap,megnet", 0.0), ("e_form,amdnet", None), ("e_form,megnet", None)):
+        config = mp_config.get_config(arg)
+        assert (config.optimizer.on_divergence, config.prediction_floor) == ("reload_best", floor), arg
+        assert config.data.oxides_only == arg.endswith("amdnet"), arg
+    scannplus = mp_config.get_config("gap")
+    assert (scannplus.optimizer.on_divergence, scannplus.prediction_floor) == ("skip", None)
+
+
 @pytest.fixture(scope="module")
 def mp_run(tmp_path_factory):
     from scannet_jax import train

@@ -22,7 +22,9 @@ energy per atom, 3,938 crystals of Faber et al. 2015) or ``configs/mp.py:gap`` (
   stored as atom orders; one drawn per structure and step).
 * ``megnet``, ``amdnet``: MEGNet on the 5 Å radius graph, or AMDNet on it and the oxides' motif
   graph (``graph_builder = "motif_dual"``; zoo-reference.md §2), with the released recipe (§2.7):
-  Adam at a constant 5e-5, MSE, batches of 32, patience 100. ``amdnet`` implies ``oxides``;
+  Adam at a constant 5e-5, MSE, batches of 32, patience 100, MEGNet's handling of a diverged
+  epoch (``optimizer.on_divergence = "reload_best"``) and, for band gaps, test figures and
+  predictions clipped at 0 (``prediction_floor``). ``amdnet`` implies ``oxides``;
 * ``oxides``: only the oxides of the set, each stored split restricted to them (1,232 of the
   3,938 e_form crystals, 218 of the 1,056 gap crystals): the split every network is compared on
   with AMDNet.
@@ -101,7 +103,9 @@ def megnet_recipe(config: ml_collections.ConfigDict, tiny: bool, name: str) -> N
     config.model = models.default_model_config(name)
     config.loss = "mse"
     config.optimizer.update(name="adam", lr=5e-5, min_lr=5e-5, schedule="constant", legacy_decay=0.0, eps=1e-7,
-                            l2=0.0, weight_decay=0.0)
+                            l2=0.0, weight_decay=0.0, on_divergence="reload_best")
+    if config.data.target == "band_gap":
+        config.prediction_floor = 0.0  # evaluate_AMDnet.py: max(0, p)
     config.batch_size, config.eval_batch_size = 32, 64
     config.num_epochs, config.patience = 1000, 100
     if tiny:

@@ -102,6 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.l2 = 1e-4  # on the kernels the original penalises (losses.py)
     config.optimizer.weight_decay = 0.0  # adamw: decoupled decay λ (θ -= rate·λ·θ)
     config.optimizer.no_decay = ("bias", "bn")  # adamw: parameter-path substrings exempt from decay
+    # a non-finite step's update is always skipped; then "skip": the rate is halved at the next
+    # log; "reload_best" (MEGNet's): at the end of an epoch with a non-finite step or a loss over
+    # 100x the previous epoch's, the rate is halved and the best-validation parameters reloaded
+    # (optimiser moments kept), and training stops once the rate is below 1e-7
+    config.optimizer.on_divergence = "skip"
     # onecycle (torch OneCycleLR; optim.OneCycle, over optimizer.onecycle_epochs, set below):
     # warm-up fraction, peak/initial and initial/final rate ratios, the β1 cycle (max -> base at
     # the peak rate -> max; False: β1 stays b1)
@@ -122,6 +127,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.patience = 200  # early stopping on validation MAE, epochs
     config.max_wall_time_s = 0.0  # whole run incl. final evaluation (estimated); 0 = no limit
     config.final_train_eval_limit = 0  # final training-split MAE on this many molecules; 0 = all
+    # predictions below this are raised to it in the test figures and by predict (the AMDNet
+    # recipe's max(0, p) for band gaps); None: none. Validation (best epoch) stays unclipped.
+    config.prediction_floor = ml_collections.config_dict.placeholder(float)
     config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints every N steps; 0 = none
     config.checkpoint_every_minutes = 10.0  # and every N minutes (a killed run loses at most that); 0 = off
     config.checkpoints_to_keep = 2

@@ -1,0 +1,178 @@
+"""Networks side by side on one Materials Project split at equal CPU budget, with seeds.
+
+    taskset -c 0 python experiments/compare_networks.py --set=gap --oxides \
+        --networks=amdnet,megnet,scannplus --seeds=0,1,2 --budget_s=300
+    taskset -c 0 python experiments/compare_networks.py --set=gap \
+        --networks=scannplus,alignn,lstm,megnet --seeds=0 --budget_s=300
+
+Each network is trained with its own recipe (``configs/mp.py``) on the same stored split:
+
+* ``scannplus``, ``scann``: ``configs/mp.py:<set>`` (Voronoi graphs, the original's recipe);
+* ``alignn``: ``<set>,alignn`` (k-NN bonds and their line graph, the reference recipe);
+* ``lstm``: ``<set>,lstm`` (19-neighbour lists);
+* ``megnet``: ``<set>,megnet`` (5 Å radius graph, the released MEGNet/AMDNet recipe);
+* ``amdnet``: ``<set>,amdnet`` (the radius graph and the oxides' motif graph; oxides only).
+
+With ``--oxides`` every network gets ``,oxides``: each stored split restricted to its oxides
+(`mp.oxides`), the split AMDNet is compared on; the paper's claim (Banjade et al. 2021) is that
+the motif graph helps band gaps.
+
+Every run is ``main.py`` in its own process with ``--config.seed=S`` and the same
+``--config.max_wall_time_s`` (the training budget, including compilation and the final
+evaluation, featurisation excluded: the loop's clock starts after the data is loaded; each
+featurisation is cached and shared by the seeds), on whatever cores the script is pinned to (one,
+with ``taskset -c``, makes wall time CPU time; ``cpu_s`` is measured per run). For band gaps every
+network's test predictions are clipped at 0 (``prediction_floor=0``, the AMDNet evaluation's
+``max(0, p)``), so all are scored alike. The test MAE is that of the best-validation epoch; the
+baseline predicts the training split's mean for every test crystal.
+
+A finished run (``results.json`` with the same budget and ``cost.json``) is reused; an unfinished
+workdir is deleted and run again, so an interrupted comparison continues where it stopped and
+every figure has the full budget. Writes ``experiments/results/compare_<set>[_oxides].json`` and
+``experiments/plots/compare_<set>[_oxides].png`` (test MAE per network, one point per seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from scannet_jax import atomic
+from scannet_jax.datasets import mp
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("set", "gap", ["gap", "e_form"], "Materials Project set (configs/mp.py)")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed of each run")
+flags.DEFINE_list("networks", ["amdnet", "megnet", "scannplus"], "networks compared (keys of CONFIG_ARGS)")
+flags.DEFINE_bool("oxides", False, "only the oxides of the set, every split restricted to them")
+flags.DEFINE_float("budget_s", 240.0, "config.max_wall_time_s of every run (s)")
+flags.DEFINE_string("workdir_root", str(REPO / "runs/compare"), "parent of the runs' workdirs")
+flags.DEFINE_string("out", "", "results JSON (default experiments/results/compare_<set>[_oxides].json)")
+
+CONFIG_ARGS = {"scannplus": "{set}", "scann": "{set},scann", "alignn": "{set},alignn", "lstm": "{set},lstm",
+               "megnet": "{set},megnet", "amdnet": "{set},amdnet"}
+
+
+def config_arg(network: str) -> str:
+    """``configs/mp.py``'s argument for ``network`` on the chosen set (and oxides)."""
+    arg = CONFIG_ARGS[network].format(set=FLAGS.set)
+    return arg + ",oxides" if FLAGS.oxides and network != "amdnet" else arg
+
+
+def study() -> str:
+    return FLAGS.set + ("_oxides" if FLAGS.oxides else "")
+
+
+def run_one(network: str, seed: int, workdir: Path) -> dict:
+    """Trains one network with one seed (or reuses a finished run); its figures and costs."""
+    results_file = workdir / "results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        if results["config"]["max_wall_time_s"] == FLAGS.budget_s and (workdir / "cost.json").is_file():
+            return {**_figures(results), **json.loads((workdir / "cost.json").read_text()), "reused": True}
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    command = [sys.executable, str(REPO / "main.py"), f"--config={REPO}/configs/mp.py:{config_arg(network)}",
+               f"--workdir={workdir}", f"--config.seed={seed}",
+               f"--config.max_wall_time_s={FLAGS.budget_s}", "--config.data.num_workers=1"]
+    if FLAGS.set == "gap":
+        command.append("--config.prediction_floor=0.0")
+    start = time.time()
+    with open(workdir / "train.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{network} seed {seed}: exit {os.waitstatus_to_exitcode(status)}; see {workdir}/train.log")
+    cost = {"wall_s": time.time() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024}
+    atomic.write_atomically(workdir / "cost.json", lambda tmp: tmp.write_text(json.dumps(cost, indent=2)))
+    return {**_figures(json.loads(results_file.read_text())), **cost, "reused": False}
+
+
+def _figures(results: dict) -> dict:
+    return {"test_mae": results["test_mae"], "test_rmse": results["rmse"]["test"],
+            "val_mae": results["mae"]["validation"], "best_epoch": results["best_epoch"],
+            "epochs_run": results["epochs_run"], "stop_reason": results["stop_reason"],
+            "num_structures": results["num_structures"],
+            **({"test_mae_unclipped": results["test_unclipped"]["mae"]} if "test_unclipped" in results else {})}
+
+
+def baseline(name: str) -> dict:
+    """The training split's mean predicted for every test crystal."""
+    atoms, splits = mp.read(name)
+    if FLAGS.oxides:
+        atoms, splits = mp.oxides(atoms, splits)
+    target = mp.DATASETS[name].target
+    y = np.array([a.info[target] for a in atoms], np.float64)
+    error = y[splits["test"]] - y[splits["train"]].mean()
+    return {"test_mae": float(np.abs(error).mean()), "test_rmse": float(np.sqrt((error**2).mean())),
+            "split": {k: int(len(v)) for k, v in splits.items()}}
+
+
+def plot(path: Path, summary: dict, base: dict, units: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=150)
+    names = list(summary)
+    for k, name in enumerate(names):
+        maes = [r["test_mae"] for r in summary[name]["runs"]]
+        ax.scatter([k] * len(maes), maes, color="C0", zorder=3)
+        ax.hlines(np.mean(maes), k - 0.25, k + 0.25, color="C1", zorder=2)
+    ax.axhline(base["test_mae"], color="0.5", ls="--", label="training mean")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(f"test MAE ({units})")
+    ax.set_title(f"MP {FLAGS.set}{' oxides' if FLAGS.oxides else ''}, {FLAGS.budget_s:.0f} s training each",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    name = {"gap": "mp_gap", "e_form": "mp_e_form"}[FLAGS.set]
+    units = mp.DATASETS[FLAGS.set].units
+    base = baseline(FLAGS.set)
+    if "amdnet" in FLAGS.networks and not FLAGS.oxides:
+        raise app.UsageError("amdnet trains on oxides only: compare it with --oxides")
+    print(f"{name}{' oxides' if FLAGS.oxides else ''}: split {base['split']}; training-mean baseline test MAE "
+          f"{base['test_mae']:.4f}", flush=True)
+    summary = {}
+    for network in FLAGS.networks:
+        runs = []
+        for seed in map(int, FLAGS.seeds):
+            run = {"seed": seed, **run_one(network, seed, Path(FLAGS.workdir_root) / f"{study()}_{network}_s{seed}")}
+            runs.append(run)
+            print(f"{network} seed {seed}: test MAE {run['test_mae']:.4f} ({run['epochs_run']} epochs, best "
+                  f"{run['best_epoch']}, {run['cpu_s']:.0f} CPU-s, {run['wall_s']:.0f} s wall)", flush=True)
+        maes = np.array([r["test_mae"] for r in runs])
+        summary[network] = {"config": f"configs/mp.py:{config_arg(network)}",
+                            "test_mae_mean": float(maes.mean()), "test_mae_std": float(maes.std(ddof=1))
+                            if len(maes) > 1 else 0.0, "runs": runs}
+    out = Path(FLAGS.out or REPO / f"experiments/results/compare_{study()}.json")
+    result = {"set": name, "oxides_only": FLAGS.oxides, "split": base["split"], "budget_s": FLAGS.budget_s,
+              "seeds": list(map(int, FLAGS.seeds)), "prediction_floor": 0.0 if FLAGS.set == "gap" else None,
+              "baseline": base, "networks": summary,
+              "cpu_affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
+    atomic.write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    plot(REPO / f"experiments/plots/compare_{study()}.png", summary, base, units)
+    for network, s in summary.items():
+        print(f"{network}: test MAE {s['test_mae_mean']:.4f} ± {s['test_mae_std']:.4f} over {len(s['runs'])} seeds")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
