@@ -278,3 +278,89 @@ def render_ga(atoms: ase.Atoms, ga_scores: np.ndarray, path: str | os.PathLike, 
     fig.tight_layout()
     atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
+
+
+# Line width (points) and style of a motif edge by its sharing type (`motifs.SHARING_NAMES`).
+SHARING_STYLES = {1: (0.8, ":"), 2: (1.6, "--"), 3: (2.6, "-")}
+ANION_COLOR = "0.8"
+
+
+def motif_edge_ends(atoms: ase.Atoms, graph) -> np.ndarray:
+    """[E_m, 2, 3] Cartesian ends (Å) of each motif edge of ``graph`` (a `motifs.MotifGraph`):
+    the receiver's centre and the sender's centre image at ``shifts @ cell``."""
+    positions = atoms.positions
+    start = positions[graph.centers[graph.receivers]]
+    end = positions[graph.centers[graph.senders]] + np.asarray(graph.shifts, np.float64) @ atoms.cell[:]
+    return np.stack([start, end], axis=1).reshape(-1, 2, 3)
+
+
+def render_motifs(atoms: ase.Atoms, graph, path: str | os.PathLike, title: str, *,
+                  rotation: str = ROTATION, dpi: int = 120) -> None:
+    """Writes a PNG of an oxide's atoms (left) beside its motif graph (right), in one view.
+
+    Each cation, and its motif, is coloured by the motif's ChemEnv environment (e.g. ``O:6``,
+    an octahedron); O atoms are grey. On the right every motif is a node at its centre and every
+    motif edge a line to the neighbouring centre's image (drawn faded where it lies outside the
+    cell), styled by what the two polyhedra share: dotted a corner, dashed an edge, solid a face;
+    a motif with no neighbour gets a ring (its self-loop).
+
+    Args:
+      atoms: the oxide (N atoms, periodic).
+      graph: its `motifs.MotifGraph`.
+      path: the PNG file to write.
+      title: figure title.
+      rotation: ASE rotation string of the view.
+      dpi: resolution.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    environments = sorted(set(graph.environments.tolist()))
+    colors = [matplotlib.colormaps["tab10"](k % 10) for k in range(len(environments))]
+    value = np.full(len(atoms), len(environments), np.float64)  # anions and other atoms: grey
+    value[graph.centers] = [environments.index(e) for e in graph.environments]
+    cmap = matplotlib.colors.ListedColormap([*colors, ANION_COLOR])
+    norm = matplotlib.colors.BoundaryNorm(np.arange(len(environments) + 2) - 0.5, cmap.N)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
+    draw_structure(left, atoms, value, norm=norm, cmap=cmap, rotation=rotation)
+    left.set_title("atoms", fontsize=9)
+
+    view = rotate(rotation)
+    edges = _cell_edges(atoms.cell[:]) @ view
+    for e in edges:
+        right.plot(e[:, 0], e[:, 1], color="black", lw=0.8, zorder=1)
+    centres = atoms.positions[graph.centers] @ view
+    ends = motif_edge_ends(atoms, graph) @ view  # [E_m, 2, 3]
+    inside = np.all(np.asarray(graph.shifts) == 0, axis=1)
+    for (a, b), sharing, own in zip(ends, graph.sharing, inside):
+        if sharing == 0:
+            right.scatter(*a[:2], s=420, facecolors="none", edgecolors="0.4", lw=1.2, zorder=2)
+            continue
+        width, style = SHARING_STYLES[int(min(sharing, 3))]
+        right.plot([a[0], b[0]], [a[1], b[1]], color="0.3", lw=width, ls=style, zorder=2, alpha=1.0 if own else 0.5)
+        if not own:
+            right.scatter(*b[:2], s=40, color="0.7", zorder=3)
+    node_colors = [colors[environments.index(e)] for e in graph.environments]
+    right.scatter(centres[:, 0], centres[:, 1], s=160, c=node_colors, edgecolors="black", zorder=4)
+    for k, c in enumerate(graph.centers):
+        right.annotate(f"{atoms[int(c)].symbol}{int(c)}", centres[k, :2], ha="center", va="center",
+                       fontsize=6, zorder=5)
+    right.set_aspect("equal")
+    right.set_axis_off()
+    counts = {e: int(np.sum(graph.environments == e)) for e in environments}
+    handles = [Line2D([], [], marker="o", ls="", color=colors[k], markeredgecolor="black",
+                      label=f"{e} ({counts[e]} motif{'s' if counts[e] > 1 else ''})")
+               for k, e in enumerate(environments)]
+    handles += [Line2D([], [], color="0.3", lw=w, ls=s, label=f"shares a{'n' if name == 'edge' else ''} {name}")
+                for (w, s), name in zip(SHARING_STYLES.values(), ("corner", "edge", "face"))]
+    handles.append(Line2D([], [], marker="o", ls="", color=ANION_COLOR, markeredgecolor="black", label="O"))
+    right.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    right.set_title(f"motif graph: {len(graph.centers)} motifs, {int(np.sum(graph.sharing > 0))} edges",
+                    fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)

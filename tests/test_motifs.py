@@ -174,3 +174,19 @@ def test_parallel_featurisation_keeps_order_and_reports_failures(graphs):
             np.testing.assert_array_equal(getattr(result, field), value, err_msg=field)
     with pytest.raises(ValueError, match="2 names for 3 structures"):
         motifs.motif_graphs(structures, names=["a", "b"], progress=False)
+
+
+def test_motif_picture_edges_span_the_graphs_distances(graphs, tmp_path):
+    import matplotlib.image
+
+    from scannet_jax import render
+
+    for name, make in (("SrTiO3", _perovskite), ("TiO2", _rutile)):
+        atoms, g = make(), graphs[name]
+        ends = render.motif_edge_ends(atoms, g)
+        np.testing.assert_allclose(np.linalg.norm(ends[:, 1] - ends[:, 0], axis=1), g.distances, atol=1e-9)
+        np.testing.assert_allclose(ends[:, 0], atoms.positions[g.centers[g.receivers]])
+        path = tmp_path / f"{name}.png"
+        render.render_motifs(atoms, g, path, name)
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 400 and image.shape[1] > 2 * image.shape[0] - 200  # two panels side by side
