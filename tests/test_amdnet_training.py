@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import jax
 import ml_collections
@@ -96,6 +97,35 @@ def test_non_oxide_is_a_per_structure_error(tmp_path):
     with pytest.raises(featurize.FeaturizationError, match=r"^crystal 0 \(Si\): MotifError: Si2: not an oxide"):
         featurize.featurized_store("non_oxide", lambda: (structures[:1], {"y": [0.0]}), settings,
                                    cache_dir=tmp_path, num_workers=1, describe=lambda k: f"crystal {k} (Si)")
+
+
+
+def test_training_stores_skip_and_count_structures_without_motifs(tmp_path, caplog):
+    from scannet_jax.datasets import mp
+
+    settings = featurize.MotifDualSettings()
+    structures = [from_atoms(bulk("Si", "diamond", a=5.43)), from_atoms(oxides()[0]),
+                  from_atoms(bulk("NaCl", "rocksalt", a=5.64))]
+
+    def load():
+        return featurize.featurized_store("mixed", lambda: (structures, {"y": [1.0, 2.0, 3.0]}), settings,
+                                          cache_dir=tmp_path, num_workers=1, describe=lambda k: f"crystal {k}",
+                                          skip=mp.SKIPPED_ERRORS)
+
+    with caplog.at_level(logging.WARNING):
+        store = load()
+    assert len(store) == 1 and store.index.tolist() == [1] and store.targets["y"].tolist() == [2.0]
+    assert store.metadata["skipped"] == {"0": "MotifError: Si2: not an oxide (no O atom in Si2)",
+                                         "2": "MotifError: ClNa: not an oxide (no O atom in ClNa)"}
+    assert "crystal 2 skipped: MotifError: ClNa: not an oxide" in caplog.text
+    assert "2 of 3 structures skipped (MotifError)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = load()  # from the cache: the same rows, and the skipped ones said again
+    assert again.index.tolist() == [1]
+    assert "mixed: 2 structures left out when the feature cache was built" in caplog.text
+    splits = mp.rows_of_kept({"train": np.array([0, 1]), "test": np.array([2])}, again.index, 3)
+    assert {k: v.tolist() for k, v in splits.items()} == {"train": [0], "test": []}
 
 
 @functools.cache

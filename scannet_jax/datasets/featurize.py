@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -594,15 +594,19 @@ def featurize_structures(
     num_workers: int | None = None,
     progress: bool = True,
     desc: str = "featurizing",
-) -> Iterator[Featurized]:
+    skip: Collection[str] = (),
+) -> Iterator[Featurized | FeaturizationError]:
     """Featurises structures (`Featurizer`, its pool closed at the end), in input order.
 
+    A structure that fails with an error kind in ``skip`` (e.g. ``"MotifError"``) yields its
+    `FeaturizationError` in its place, for the caller to leave out.
+
     Raises:
-      FeaturizationError: naming the position of the first structure that failed.
+      FeaturizationError: naming the position of the first structure that failed otherwise.
     """
     with Featurizer(settings, ring=ring, num_workers=num_workers) as featurizer:
         for result in featurizer.map(structures, progress=progress, desc=desc):
-            if isinstance(result, FeaturizationError):
+            if isinstance(result, FeaturizationError) and result.kind not in skip:
                 raise result
             yield result
 
@@ -616,6 +620,8 @@ def build_store(
     ring: bool = False,
     num_workers: int | None = None,
     progress: bool = True,
+    skip: Collection[str] = (),
+    describe: Callable[[int], str] | None = None,
 ) -> GraphStore:
     """Featurises `structures` (see `featurize_structures`) into a `GraphStore`.
 
@@ -627,11 +633,27 @@ def build_store(
       ring: add ring/aromatic flags.
       num_workers: processes.
       progress: show a progress bar.
+      skip: error kinds whose structures are left out of the store, each logged (named by
+        ``describe``) and listed in ``metadata["skipped"]`` (data-set index -> reason); the
+        store's ``index`` says which structures each row is.
+      describe: names structure ``k`` in messages (default "structure k").
     """
-    featurized = list(featurize_structures(structures, settings, ring=ring, num_workers=num_workers,
-                                           progress=progress))
-    return store_from_featurized([s.numbers for s in structures], featurized, settings, targets=targets,
-                                 index=index, ring=ring)
+    results = list(featurize_structures(structures, settings, ring=ring, num_workers=num_workers,
+                                        progress=progress, skip=skip))
+    index = np.arange(len(structures)) if index is None else np.asarray(index, np.int64)
+    kept = [k for k, r in enumerate(results) if not isinstance(r, FeaturizationError)]
+    skipped = {}
+    for k in sorted(set(range(len(results))) - set(kept)):
+        error = results[k]
+        log.warning("%s skipped: %s: %s", describe(k) if describe else f"structure {k}", error.kind, error.reason)
+        skipped[str(int(index[k]))] = f"{error.kind}: {error.reason}"
+    if skipped:
+        log.warning("%d of %d structures skipped (%s)", len(skipped), len(results), ", ".join(sorted(skip)))
+    store = store_from_featurized([structures[k].numbers for k in kept], [results[k] for k in kept], settings,
+                                  targets=None if targets is None else
+                                  {name: [values[k] for k in kept] for name, values in targets.items()},
+                                  index=index[kept], ring=ring)
+    return dataclasses.replace(store, metadata={**store.metadata, "skipped": skipped}) if skipped else store
 
 
 def store_from_featurized(
@@ -676,6 +698,7 @@ def featurized_store(
     cache_dir: str | os.PathLike | None = None,
     num_workers: int | None = None,
     describe: Callable[[int], str] | None = None,
+    skip: Collection[str] = (),
 ) -> GraphStore:
     """The featurised store of a data set, from the keyed feature cache or built into it.
 
@@ -695,20 +718,33 @@ def featurized_store(
       cache_dir: cache root (None = `default_cache_dir()`).
       num_workers: featurisation processes (None = all cores).
       describe: names structure ``k`` in a `FeaturizationError` (default "structure k").
+      skip: error kinds whose structures are left out (`build_store`); a store loaded from the
+        cache logs how many were (its ``metadata["skipped"]``).
 
     Raises:
-      FeaturizationError: naming the first structure whose graph could not be built.
+      FeaturizationError: naming the first structure whose graph could not be built (and
+        whose error kind is not in ``skip``).
     """
     path = cache_path(cache_dir, dataset, settings, ring)
+    built = False
 
     def build() -> GraphStore:
+        nonlocal built
+        built = True
         structures, targets = read()
         try:
-            store = build_store(structures, settings, targets=targets, ring=ring, num_workers=num_workers)
+            store = build_store(structures, settings, targets=targets, ring=ring, num_workers=num_workers,
+                                skip=skip, describe=describe)
         except FeaturizationError as err:
             if describe is None:
                 raise
             raise FeaturizationError(err.position, err.kind, err.reason, where=describe(err.position)) from err
         return dataclasses.replace(store, metadata={**store.metadata, "periodic": periodicity(structures)})
 
-    return cached_store(path / "graphs", build, metadata=cache_metadata(dataset, settings, ring), invalidate=path)
+    store = cached_store(path / "graphs", build, metadata=cache_metadata(dataset, settings, ring), invalidate=path)
+    skipped = store.metadata.get("skipped", {})
+    if skipped and not built:
+        log.warning("%s: %d structures left out when the feature cache was built (%s): %s", dataset, len(skipped),
+                    ", ".join(sorted(skip)), "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv:
+                                                                                     int(kv[0]))))
+    return store

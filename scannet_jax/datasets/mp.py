@@ -38,6 +38,9 @@ from scannet_jax.structures import from_atoms
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# Featurisation errors whose crystals are skipped (and counted) instead of stopping the load: an
+# oxide whose motifs ChemEnv cannot find (AMDNet's motif graph) is left out of every model's split.
+SKIPPED_ERRORS = ("MotifError",)
 OXYGEN = 8
 MIN_VOLUME = 1e-3  # Å³, as in data/convert_matminer.py
 
@@ -199,7 +202,9 @@ def load(
 
     Raises:
       ValueError: what `read` raises.
-      featurize.FeaturizationError: naming the crystal whose graph could not be built.
+      featurize.FeaturizationError: naming the crystal whose graph could not be built (a
+        crystal failing with a `SKIPPED_ERRORS` kind is logged and left out of the store and
+        its split instead).
     """
     atoms, splits = read(name, data_dir)
     if oxides_only:
@@ -217,5 +222,18 @@ def load(
     store = featurize.featurized_store(
         f"mp_{name}-{digest.hexdigest()[:12]}", lambda: (crystals, {target: values}), settings, ring=ring,
         cache_dir=cache_dir, num_workers=num_workers,
-        describe=lambda k: f"{name} crystal {k} ({atoms[k].info['material_id']})")
+        describe=lambda k: f"{name} crystal {k} ({atoms[k].info['material_id']})", skip=SKIPPED_ERRORS)
+    if len(store) < len(atoms):
+        kept = rows_of_kept(splits, store.index, len(atoms))
+        log.warning("mp %s: %d crystals skipped (train/validation/test %s)", name, len(atoms) - len(store),
+                    "/".join(str(len(splits[k]) - len(kept[k])) for k in SPLITS))
+        splits = kept
     return store, splits
+
+
+def rows_of_kept(splits: dict[str, np.ndarray], index: np.ndarray, num_structures: int) -> dict[str, np.ndarray]:
+    """Each split's structures (positions 0..S-1) as rows of a store that kept the structures
+    ``index`` [R] (in order), the others left out."""
+    rows = np.full(num_structures, -1, np.int64)
+    rows[np.asarray(index, np.int64)] = np.arange(len(index))
+    return {k: rows[v][rows[v] >= 0] for k, v in splits.items()}
