@@ -178,14 +178,19 @@ def motif_graph(atoms: ase.Atoms, *, name: str | None = None) -> MotifGraph:
 def environment_ids(symbols: Sequence[str]) -> np.ndarray:
     """Positions in `ENVIRONMENTS` of ChemEnv symbols [M] (e.g. ``"O:6"`` -> 13), int64 [M].
 
+    ChemEnv writes an environment it cannot name with its coordination number (e.g.
+    ``"UNKNOWN:18"`` for 18 neighbours, beyond its catalogue of geometries); that is the id of
+    ``"UNKNOWN"`` (and ``"UNCLEAR:<n>"`` of ``"UNCLEAR"``).
+
     Raises:
-      ValueError: for a symbol not in `ENVIRONMENTS`.
+      ValueError: for any other symbol not in `ENVIRONMENTS`.
     """
     index = {symbol: k for k, symbol in enumerate(ENVIRONMENTS)}
-    unknown = sorted({str(s) for s in symbols} - index.keys())
+    names = [str(s).split(":")[0] if str(s).split(":")[0] in ("UNKNOWN", "UNCLEAR") else str(s) for s in symbols]
+    unknown = sorted(set(names) - index.keys())
     if unknown:
         raise ValueError(f"ChemEnv symbols {unknown} are not in motifs.ENVIRONMENTS")
-    return np.array([index[str(s)] for s in symbols], np.int64)
+    return np.array([index[name] for name in names], np.int64)
 
 
 def motif_graphs(structures: Sequence[ase.Atoms], *, names: Sequence[str] | None = None,

@@ -190,3 +190,20 @@ def test_motif_picture_edges_span_the_graphs_distances(graphs, tmp_path):
         render.render_motifs(atoms, g, path, name)
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 400 and image.shape[1] > 2 * image.shape[0] - 200  # two panels side by side
+
+
+def test_an_environment_chemenv_cannot_name_is_unknown():
+    """CsCu3O2 (mp-553303 of the band-gap set): Cs has 18 neighbours, beyond ChemEnv's
+    catalogue, which labels it "UNKNOWN:18"; the linear Cu motifs are "L:2"."""
+    from scannet_jax.datasets import mp
+
+    atoms = next(a for a in mp.read("gap")[0] if a.info["material_id"] == "mp-553303")
+    g = motifs.motif_graph(atoms)
+    cs = int(np.flatnonzero(np.asarray(atoms.get_chemical_symbols())[g.centers] == "Cs")[0])
+    assert g.environments[cs] == "UNKNOWN:18"
+    ids = motifs.environment_ids(g.environments)
+    assert motifs.ENVIRONMENTS[ids[cs]] == "UNKNOWN"
+    assert [motifs.ENVIRONMENTS[i] for k, i in enumerate(ids) if k != cs] == ["L:2"] * 3
+    assert motifs.ENVIRONMENTS[motifs.environment_ids(["UNCLEAR:7"])[0]] == "UNCLEAR"
+    with pytest.raises(ValueError, match=r"ChemEnv symbols \['XX:3'\] are not in motifs.ENVIRONMENTS"):
+        motifs.environment_ids(["O:6", "XX:3"])
