@@ -3,13 +3,14 @@
     taskset -c 0 python experiments/compare_networks.py --set=gap --oxides \
         --networks=amdnet,megnet,scannplus --seeds=0,1,2 --budget_s=300
     taskset -c 0 python experiments/compare_networks.py --set=gap \
-        --networks=scannplus,alignn,lstm,megnet --seeds=0 --budget_s=300
+        --networks=scannplus,scann,alignn,megnet,lstm,lstm_augment --seeds=0 --budget_s=300
 
 Each network is trained with its own recipe (``configs/mp.py``) on the same stored split:
 
 * ``scannplus``, ``scann``: ``configs/mp.py:<set>`` (Voronoi graphs, the original's recipe);
 * ``alignn``: ``<set>,alignn`` (k-NN bonds and their line graph, the reference recipe);
-* ``lstm``: ``<set>,lstm`` (19-neighbour lists);
+* ``lstm``, ``lstm_augment``: ``<set>,lstm[,augment]`` (19-neighbour lists; the source's axis-swap
+  augmentation);
 * ``megnet``: ``<set>,megnet`` (5 Å radius graph, the released MEGNet/AMDNet recipe);
 * ``amdnet``: ``<set>,amdnet`` (the radius graph and the oxides' motif graph; oxides only).
 
@@ -23,7 +24,10 @@ evaluation, featurisation excluded: the loop's clock starts after the data is lo
 featurisation is cached and shared by the seeds), on whatever cores the script is pinned to (one,
 with ``taskset -c``, makes wall time CPU time; ``cpu_s`` is measured per run). For band gaps every
 network's test predictions are clipped at 0 (``prediction_floor=0``, the AMDNet evaluation's
-``max(0, p)``), so all are scored alike. The test MAE is that of the best-validation epoch, as
+``max(0, p)``), so all are scored alike. Per network it also reports the parameter count, the
+median training structures/s (epochs after the first) and, measured on its first seed's model,
+the largest change of a test prediction when the crystal is rotated and its atoms reordered at
+random (0 up to float rounding for an invariant network). The test MAE is that of the best-validation epoch, as
 ``results.json`` has it (``test_mae``: over the test crystals of the run's own store) and over the
 test crystals every network could featurise (``test_mae_common``: AMDNet leaves out an oxide whose
 motifs ChemEnv cannot find, as the released code does; each run's saved model predicts the test
@@ -63,7 +67,7 @@ flags.DEFINE_string("workdir_root", str(REPO / "runs/compare"), "parent of the r
 flags.DEFINE_string("out", "", "results JSON (default experiments/results/compare_<set>[_oxides].json)")
 
 CONFIG_ARGS = {"scannplus": "{set}", "scann": "{set},scann", "alignn": "{set},alignn", "lstm": "{set},lstm",
-               "megnet": "{set},megnet", "amdnet": "{set},amdnet"}
+               "lstm_augment": "{set},lstm,augment", "megnet": "{set},megnet", "amdnet": "{set},amdnet"}
 
 
 def config_arg(network: str) -> str:
@@ -118,26 +122,62 @@ def test_crystals() -> list:
     return [atoms[k] for k in splits["test"]]
 
 
-def test_predictions(workdir: Path, crystals: list) -> dict[str, float]:
+def moved(atoms, rng: np.random.Generator):
+    """The same crystal rotated at random, its atoms in a random order."""
+    from scipy.spatial.transform import Rotation
+
+    out = atoms[rng.permutation(len(atoms))]
+    out.set_cell(out.cell.array @ Rotation.random(random_state=rng).as_matrix().T, scale_atoms=True)
+    return out
+
+
+def test_predictions(workdir: Path, crystals: list, invariance: bool = False) -> tuple[dict[str, float], dict]:
     """material_id -> the run's best-validation prediction (its config's prediction floor
-    applied), for the test crystals its graph builder can featurise."""
+    applied), for the test crystals its graph builder can featurise; with ``invariance``, also
+    the parameter count and the largest change of a prediction when each crystal is rotated and
+    its atoms reordered at random (``max_abs_change``, target units)."""
+    import jax
+
     from scannet_jax.predict import Predictor
 
     predictor = Predictor.from_workdir(workdir, num_workers=1)
     try:
         out = predictor.predict_each(crystals, allow_unseen_elements=True)
+        values = {a.info["material_id"]: p.value for a, p in zip(crystals, out) if not isinstance(p, Exception)}
+        extra = {}
+        if invariance:
+            rng = np.random.default_rng(0)
+            again = predictor.predict_each([moved(a, rng) for a in crystals], allow_unseen_elements=True)
+            changes = [abs(q.value - values[a.info["material_id"]]) for a, q in zip(crystals, again)
+                       if not isinstance(q, Exception) and a.info["material_id"] in values]
+            extra = {"parameters": int(sum(x.size for x in jax.tree.leaves(predictor._variables["params"]))),
+                     "rotation_and_atom_order_max_abs_change": float(max(changes))}
     finally:
         predictor.close()
-    return {a.info["material_id"]: p.value for a, p in zip(crystals, out) if not isinstance(p, Exception)}
+    return values, extra
+
+
+def training_speed(workdir: Path) -> float:
+    """Median training structures/s over the epochs after the first (which compiles)."""
+    path = workdir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    speeds = [r["train_mol_per_s"] for r in records if "val_mae" in r and r["epoch"] > 0]
+    return float(np.median(speeds)) if speeds else float("nan")
 
 
 def common_test_maes(summary: dict, crystals: list) -> dict:
     """Every run's test MAE on the test crystals that every network could featurise (AMDNet
-    leaves out an oxide whose motifs ChemEnv cannot find), and which those are."""
+    leaves out an oxide whose motifs ChemEnv cannot find), and which those are; each network's
+    parameter count, training speed and measured rotation / atom-order invariance (first seed)."""
     target = mp.DATASETS[FLAGS.set].target
     truth = {a.info["material_id"]: float(a.info[target]) for a in crystals}
-    predictions = {(n, r["seed"]): test_predictions(Path(r["workdir"]), crystals)
-                   for n, s in summary.items() for r in s["runs"]}
+    predictions = {}
+    for network, s in summary.items():
+        for k, run in enumerate(s["runs"]):
+            predictions[network, run["seed"]], extra = test_predictions(Path(run["workdir"]), crystals,
+                                                                        invariance=k == 0)
+            run["train_structures_per_s"] = training_speed(Path(run["workdir"]))
+            s.update(extra)
     common = sorted(set(truth).intersection(*map(set, predictions.values())))
     for (network, seed), values in predictions.items():
         run = next(r for r in summary[network]["runs"] if r["seed"] == seed)
@@ -146,6 +186,7 @@ def common_test_maes(summary: dict, crystals: list) -> dict:
         maes = np.array([r["test_mae_common"] for r in s["runs"]])
         s["test_mae_common_mean"] = float(maes.mean())
         s["test_mae_common_std"] = float(maes.std(ddof=1)) if len(maes) > 1 else 0.0
+        s["train_structures_per_s"] = float(np.median([r["train_structures_per_s"] for r in s["runs"]]))
     return {"num_crystals": len(common), "left_out": sorted(set(truth) - set(common)),
             "baseline_note": "the baseline is over the whole test split"}
 
@@ -218,7 +259,8 @@ def main(argv: list[str]) -> None:
     for network, s in summary.items():
         print(f"{network}: test MAE {s['test_mae_mean']:.4f} ± {s['test_mae_std']:.4f} over {len(s['runs'])} seeds; "
               f"on the {common['num_crystals']} common test crystals {s['test_mae_common_mean']:.4f} ± "
-              f"{s['test_mae_common_std']:.4f}")
+              f"{s['test_mae_common_std']:.4f}; {s['parameters']:,} parameters, {s['train_structures_per_s']:.0f} "
+              f"structures/s, rotation + atom order change {s['rotation_and_atom_order_max_abs_change']:.2g}")
     print(f"wrote {out}")
 
 

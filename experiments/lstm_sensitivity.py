@@ -10,15 +10,23 @@ fractional coordinates do not change) and over random origin shifts (which chang
 coordinates and hence the order, so it is not invariant to them either).
 
 A random model's output scale is arbitrary, so spreads are reported relative to the standard
-deviation of the identity-setting predictions across the crystals (scale-free). What a trained
-model does (without and with augmentation, and with test-time averaging) needs the training
-pipeline and is not measured here.
+deviation of the identity-setting predictions across the crystals (scale-free).
+
+With ``--workdirs`` it measures trained models instead, through `predict.Predictor` (the path a
+user predicts with): for each training workdir (e.g. ``configs/mp.py:gap,lstm`` and
+``gap,lstm,augment``) and the test split of the band-gap set, each crystal is predicted in the six
+settings made by permuting its lattice axes (the cell's rows reordered, the atoms where they are),
+without and with the test-time averaging over the source's swaps (``average_settings``). Reported
+in eV: the range and std of the six predictions per crystal, and the test MAE of the original
+setting, of the mean over the six, and with the averaging. Writes
+``experiments/results/lstm_sensitivity_trained.json``.
 
 Data: the Materials Project band-gap crystals of `data/mp/dielectric.extxyz.gz` (1,056 from the
 matminer 0.3.9 archive), or with --ase a handful of `ase.build.bulk` crystals.
 
     python experiments/lstm_sensitivity.py
     python experiments/lstm_sensitivity.py --ase --seeds 2
+    python experiments/lstm_sensitivity.py --workdirs runs/compare/gap_lstm_s0 runs/compare/gap_lstm_augment_s0
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from scannet_jax.lstm import NeighbourListLSTM
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "lstm_sensitivity.json"
+TRAINED_RESULTS = ROOT / "experiments" / "results" / "lstm_sensitivity_trained.json"
 MP_FILE = ROOT / "data" / "mp" / "dielectric.extxyz.gz"
 
 
@@ -75,14 +84,71 @@ def spread_stats(predictions: np.ndarray, scale: float) -> dict[str, float]:
             "fraction_changed": float((ranges > 1e-6 * scale).mean())}
 
 
+def permuted_setting(atoms: ase.Atoms, axes: tuple[int, int, int]) -> ase.Atoms:
+    """The same crystal with lattice vectors ``cell[axes]``: atoms at the same positions."""
+    out = atoms.copy()
+    out.set_cell(atoms.cell.array[list(axes)], scale_atoms=False)
+    return out
+
+
+def trained(workdirs: list[Path], out: Path) -> None:
+    """The six-permutation spread and test MAEs of trained models (see the module docstring)."""
+    from scannet_jax.datasets import mp
+    from scannet_jax.predict import Predictor
+
+    atoms, splits = mp.read("gap")
+    crystals = [atoms[k] for k in splits["test"]]
+    y = np.array([a.info["band_gap"] for a in crystals])
+    runs = []
+    for workdir in workdirs:
+        config = json.loads((workdir / "config.json").read_text())
+        row = {"workdir": str(workdir), "augment": bool(config["model"].get("augment", False)),
+               "test_crystals": len(crystals)}
+        for averaged in (False, True):
+            predictor = Predictor.from_workdir(workdir, num_workers=1, average_settings=averaged)
+            try:
+                predictions = np.array([[p.value for p in predictor.predict_each(
+                    [permuted_setting(a, axes) for a in crystals])] for axes in nl.AXIS_PERMUTATIONS]).T  # [C, 6]
+            finally:
+                predictor.close()
+            ranges = predictions.max(1) - predictions.min(1)
+            row["averaged" if averaged else "single_setting"] = {
+                "six_permutations_mean_range_ev": float(ranges.mean()),
+                "six_permutations_max_range_ev": float(ranges.max()),
+                "six_permutations_mean_std_ev": float(predictions.std(1).mean()),
+                "fraction_changed": float((ranges > 1e-4).mean()),
+                "test_mae_original_setting_ev": float(np.abs(predictions[:, 0] - y).mean()),
+                "test_mae_mean_of_six_ev": float(np.abs(predictions.mean(1) - y).mean())}
+        runs.append(row)
+        for key in ("single_setting", "averaged"):
+            r = row[key]
+            print(f"{workdir.name} ({'augmented' if row['augment'] else 'not augmented'}), {key}: six-permutation "
+                  f"range {r['six_permutations_mean_range_ev']:.4f} eV (max {r['six_permutations_max_range_ev']:.3f}), "
+                  f"test MAE {r['test_mae_original_setting_ev']:.4f} eV (mean of six "
+                  f"{r['test_mae_mean_of_six_ev']:.4f})")
+    result = {"experiment": "lstm_sensitivity_trained", "data": "MP band gap, test split (data/mp/dielectric_split.json)",
+              "runs": runs, "note": "single_setting: predict as is; averaged: predict --average-settings "
+              "(the mean over the source's swaps of each setting)",
+              "machine": {"platform": platform.platform(), "jax": jax.__version__, "load_average": os.getloadavg()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ase", action="store_true", help="use ase.build.bulk crystals instead of data/mp")
     parser.add_argument("--limit", type=int, default=None, help="first N crystals only")
     parser.add_argument("--seeds", type=int, default=3, help="random initialisations")
     parser.add_argument("--controls", type=int, default=3, help="random rotations / origin shifts per crystal")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--workdirs", type=Path, nargs="*", default=[],
+                        help="trained lstm workdirs: measure them instead (see the module docstring)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.workdirs:
+        trained(args.workdirs, args.out or TRAINED_RESULTS)
+        return
+    args.out = args.out or RESULTS
 
     if args.ase or not MP_FILE.exists():
         crystals, source = ase_crystals(), "ase.build.bulk (8 crystals)"
