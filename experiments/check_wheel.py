@@ -5,7 +5,8 @@
 Builds ``pip wheel --no-deps .``, makes a fresh venv in a temporary directory, installs the
 wheel (its dependencies from the package index), and from a directory outside the checkout:
 lists the pre-built models, predicts a rock-salt NaCl CIF with ``scannplus-mp-e_form`` and draws
-its GA picture, and trains ``scannet-jax train --config=qm9:homo,tiny`` (QM9 from the installed
+its GA picture, predicts the HOMO-LUMO gap of benzene (an xyz file) with ``scannplus-qm9-gap``, and
+trains ``scannet-jax train --config=qm9:homo,tiny`` (QM9 from the installed
 ``qm9pack``; features cached under ``~/.cache/scannet_jax``, or ``$SCANNET_JAX_CACHE``). Each
 step's command, exit status, seconds and last output lines go to
 ``experiments/results/check_wheel.json``; the script exits non-zero if a step fails.
@@ -58,21 +59,26 @@ def main() -> int:
         bin_dir = venv / "bin"
         if step("install wheel", [str(bin_dir / "pip"), "install", "-q", str(wheel)], root, log).returncode:
             return 1
-        from ase.build import bulk
+        from ase.build import bulk, molecule
 
         bulk("NaCl", "rocksalt", a=5.64).write(user / "nacl.cif")
+        molecule("C6H6").write(user / "benzene.xyz")
         cli = str(bin_dir / "scannet-jax")
         checks = [
             ("list models", [cli, "predict", "--list-models"]),
             ("predict with a pre-built model",
              [cli, "predict", "--model=scannplus-mp-e_form", "nacl.cif", "--png=pictures", "--json=nacl.json"]),
+            ("predict a molecule with a pre-built QM9 model",
+             [cli, "predict", "--model=scannplus-qm9-gap", "benzene.xyz", "--json=benzene.json"]),
             ("train tiny", [cli, "train", "--config=qm9:homo,tiny", "--workdir=runs/tiny"]),
         ]
         failed = sum(bool(step(name, command, user, log).returncode) for name, command in checks)
         table = json.loads((user / "nacl.json").read_text()) if (user / "nacl.json").is_file() else {}
+        benzene = json.loads((user / "benzene.json").read_text()) if (user / "benzene.json").is_file() else {}
         outputs = {
             "wheel": wheel.name, "wheel_mib": round(wheel.stat().st_size / 2**20, 2),
             "nacl_prediction": [r["prediction"] for r in table.get("structures", [])],
+            "benzene_gap_prediction": [r["prediction"] for r in benzene.get("structures", [])],
             "pictures": sorted(p.name for p in (user / "pictures").glob("*.png")),
             "tiny_results": (json.loads((user / "runs/tiny/results.json").read_text())["mae"]
                              if (user / "runs/tiny/results.json").is_file() else None),

@@ -19,13 +19,18 @@ With ``--oxides`` every network gets ``,oxides``: each stored split restricted t
 the motif graph helps band gaps.
 
 Every run is ``main.py`` in its own process with ``--config.seed=S`` and the same
-``--config.max_wall_time_s`` (the training budget, including compilation and the final
-evaluation, featurisation excluded: the loop's clock starts after the data is loaded; each
-featurisation is cached and shared by the seeds), on whatever cores the script is pinned to (one,
+``--config.max_wall_time_s`` (the training budget, including the final evaluation, featurisation
+excluded: the loop's clock starts after the data is loaded; each featurisation is cached and
+shared by the seeds). Compilation is excluded too: a first, untimed run of each network
+(``--warmup``, its first seed, workdir ``*_warmup``) fills a persistent XLA compilation cache
+(``<workdir_root>/xla_cache``) that the measured runs load their programs from; without it the
+bucket shapes' compilations (about a minute each for AMDNet on this CPU) take most of a
+five-minute budget. Runs go on whatever cores the script is pinned to (one,
 with ``taskset -c``, makes wall time CPU time; ``cpu_s`` is measured per run). For band gaps every
 network's test predictions are clipped at 0 (``prediction_floor=0``, the AMDNet evaluation's
 ``max(0, p)``), so all are scored alike. Per network it also reports the parameter count, the
-median training structures/s (epochs after the first) and, measured on its first seed's model,
+median training structures/s (epochs after the first two; their times are listed, as a
+program the warm-up did not reach is compiled there) and, measured on its first seed's model,
 the largest change of a test prediction when the crystal is rotated and its atoms reordered at
 random (0 up to float rounding for an invariant network). The test MAE is that of the best-validation epoch, as
 ``results.json`` has it (``test_mae``: over the test crystals of the run's own store) and over the
@@ -64,6 +69,8 @@ flags.DEFINE_list("networks", ["amdnet", "megnet", "scannplus"], "networks compa
 flags.DEFINE_bool("oxides", False, "only the oxides of the set, every split restricted to them")
 flags.DEFINE_float("budget_s", 240.0, "config.max_wall_time_s of every run (s)")
 flags.DEFINE_string("workdir_root", str(REPO / "runs/compare"), "parent of the runs' workdirs")
+flags.DEFINE_bool("warmup", True, "first fill a persistent XLA compilation cache with one untimed run per "
+                  "network, so that no measured budget pays for compilation")
 flags.DEFINE_string("out", "", "results JSON (default experiments/results/compare_<set>[_oxides].json)")
 
 CONFIG_ARGS = {"scannplus": "{set}", "scann": "{set},scann", "alignn": "{set},alignn", "lstm": "{set},lstm",
@@ -80,6 +87,10 @@ def study() -> str:
     return FLAGS.set + ("_oxides" if FLAGS.oxides else "")
 
 
+def compile_cache() -> Path:
+    return Path(FLAGS.workdir_root) / "xla_cache"
+
+
 def run_one(network: str, seed: int, workdir: Path) -> dict:
     """Trains one network with one seed (or reuses a finished run); its figures and costs."""
     results_file = workdir / "results.json"
@@ -94,9 +105,11 @@ def run_one(network: str, seed: int, workdir: Path) -> dict:
                f"--config.max_wall_time_s={FLAGS.budget_s}", "--config.data.num_workers=1"]
     if FLAGS.set == "gap":
         command.append("--config.prediction_floor=0.0")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compile_cache()),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     start = time.time()
     with open(workdir / "train.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{network} seed {seed}: exit {os.waitstatus_to_exitcode(status)}; see {workdir}/train.log")
@@ -157,12 +170,14 @@ def test_predictions(workdir: Path, crystals: list, invariance: bool = False) ->
     return values, extra
 
 
-def training_speed(workdir: Path) -> float:
-    """Median training structures/s over the epochs after the first (which compiles)."""
+def training_speed(workdir: Path) -> tuple[float, list[float]]:
+    """Median training structures/s over the epochs after the first two (which may compile
+    programs the warm-up did not), and the first two epochs' seconds."""
     path = workdir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    speeds = [r["train_mol_per_s"] for r in records if "val_mae" in r and r["epoch"] > 0]
-    return float(np.median(speeds)) if speeds else float("nan")
+    epochs = [r for r in records if "val_mae" in r]
+    speeds = [r["train_mol_per_s"] for r in epochs[2:]]
+    return float(np.median(speeds)) if speeds else float("nan"), [r["epoch_time_s"] for r in epochs[:2]]
 
 
 def common_test_maes(summary: dict, crystals: list) -> dict:
@@ -176,7 +191,7 @@ def common_test_maes(summary: dict, crystals: list) -> dict:
         for k, run in enumerate(s["runs"]):
             predictions[network, run["seed"]], extra = test_predictions(Path(run["workdir"]), crystals,
                                                                         invariance=k == 0)
-            run["train_structures_per_s"] = training_speed(Path(run["workdir"]))
+            run["train_structures_per_s"], run["first_epochs_s"] = training_speed(Path(run["workdir"]))
             s.update(extra)
     common = sorted(set(truth).intersection(*map(set, predictions.values())))
     for (network, seed), values in predictions.items():
@@ -237,6 +252,9 @@ def main(argv: list[str]) -> None:
           f"{base['test_mae']:.4f}", flush=True)
     summary = {}
     for network in FLAGS.networks:
+        if FLAGS.warmup:  # the same shapes as the measured runs: every program they compile
+            warm = run_one(network, int(FLAGS.seeds[0]), Path(FLAGS.workdir_root) / f"{study()}_{network}_warmup")
+            print(f"{network} warm-up (compilations cached, not reported): {warm['cpu_s']:.0f} CPU-s", flush=True)
         runs = []
         for seed in map(int, FLAGS.seeds):
             workdir = Path(FLAGS.workdir_root) / f"{study()}_{network}_s{seed}"
