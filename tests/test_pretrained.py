@@ -30,7 +30,8 @@ def test_every_shipped_model_has_a_complete_card_and_a_best_checkpoint():
     from scannet_jax import checkpoints, pretrained
 
     names = pretrained.names()
-    assert {"scannplus-mp-e_form", "scannplus-mp-gap", "scannplus-qm9-homo", "scannplus-qm9-lumo"} <= set(names)
+    assert {"scannplus-mp-e_form", "scannplus-mp-gap", "scannplus-qm9-gap", "scannplus-qm9-homo",
+            "scannplus-qm9-lumo"} <= set(names)
     for name in names:
         folder = pretrained.path(name)
         card = pretrained.card(name)
@@ -79,6 +80,10 @@ def test_qm9_orbital_models_are_pinned_and_order_the_orbitals():
     np.testing.assert_allclose(homo, [-6.199852, -8.091148, -7.170643, -9.940467], atol=2e-5)
     np.testing.assert_allclose(lumo, [-0.125944, 1.918497, 2.030339, 0.404035], atol=2e-5)
     assert all(h < l for h, l in zip(homo, lumo))  # the HOMO lies below the LUMO
+    gap = [r.value for r in predict.Predictor.pretrained("scannplus-qm9-gap")(molecules)]
+    np.testing.assert_allclose(gap, [6.722422, 9.189469, 9.110997, 9.770474], atol=2e-5)
+    # three separately trained models agree: gap ≈ LUMO − HOMO (ASE's geometries, not QM9's)
+    np.testing.assert_allclose(gap, np.subtract(lumo, homo), atol=1.0)
     card = predict.Predictor.pretrained("scannplus-qm9-homo")
     assert card.domain.periodic is False and card.units == "eV"
 
