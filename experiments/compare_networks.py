@@ -41,8 +41,9 @@ test crystal.
 
 A finished run (``results.json`` with the same budget and ``cost.json``) is reused; an unfinished
 workdir is deleted and run again, so an interrupted comparison continues where it stopped and
-every figure has the full budget. Writes ``experiments/results/compare_<set>[_oxides].json`` and
-``experiments/plots/compare_<set>[_oxides].png`` (test MAE per network, one point per seed).
+every figure has the full budget. Writes ``experiments/results/compare_<set>[_oxides].json`` (or
+``--out``) and the plot of the same name in ``experiments/plots/`` (test MAE per network, one
+point per seed).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def main(argv: list[str]) -> None:
               "baseline": base, "common_test_set": common, "networks": summary,
               "cpu_affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
     atomic.write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    plot(REPO / f"experiments/plots/compare_{study()}.png", summary, base, units)
+    plot(REPO / "experiments/plots" / f"{out.stem}.png", summary, base, units)
     for network, s in summary.items():
         print(f"{network}: test MAE {s['test_mae_mean']:.4f} ± {s['test_mae_std']:.4f} over {len(s['runs'])} seeds; "
               f"on the {common['num_crystals']} common test crystals {s['test_mae_common_mean']:.4f} ± "
