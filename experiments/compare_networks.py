@@ -128,12 +128,17 @@ def _figures(results: dict) -> dict:
             **({"test_mae_unclipped": results["test_unclipped"]["mae"]} if "test_unclipped" in results else {})}
 
 
-def test_crystals() -> list:
-    """The test split's crystals (ASE Atoms, with ``material_id`` and the target in ``info``)."""
+def read_split() -> tuple[list, dict[str, np.ndarray]]:
+    """The set's crystals (ASE Atoms, with ``material_id`` and the target in ``info``) and its
+    stored split, restricted to the oxides with ``--oxides``."""
     atoms, splits = mp.read(FLAGS.set)
-    if FLAGS.oxides:
-        atoms, splits = mp.oxides(atoms, splits)
-    return [atoms[k] for k in splits["test"]]
+    return mp.oxides(atoms, splits) if FLAGS.oxides else (atoms, splits)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def moved(atoms, rng: np.random.Generator):
@@ -199,20 +204,15 @@ def common_test_maes(summary: dict, crystals: list) -> dict:
         run = next(r for r in summary[network]["runs"] if r["seed"] == seed)
         run["test_mae_common"] = float(np.mean([abs(values[m] - truth[m]) for m in common]))
     for network, s in summary.items():
-        maes = np.array([r["test_mae_common"] for r in s["runs"]])
-        s["test_mae_common_mean"] = float(maes.mean())
-        s["test_mae_common_std"] = float(maes.std(ddof=1)) if len(maes) > 1 else 0.0
+        s["test_mae_common_mean"], s["test_mae_common_std"] = mean_std([r["test_mae_common"] for r in s["runs"]])
         s["train_structures_per_s"] = float(np.median([r["train_structures_per_s"] for r in s["runs"]]))
     return {"num_crystals": len(common), "left_out": sorted(set(truth) - set(common)),
             "baseline_note": "the baseline is over the whole test split"}
 
 
-def baseline(name: str) -> dict:
+def baseline(atoms: list, splits: dict[str, np.ndarray]) -> dict:
     """The training split's mean predicted for every test crystal."""
-    atoms, splits = mp.read(name)
-    if FLAGS.oxides:
-        atoms, splits = mp.oxides(atoms, splits)
-    target = mp.DATASETS[name].target
+    target = mp.DATASETS[FLAGS.set].target
     y = np.array([a.info[target] for a in atoms], np.float64)
     error = y[splits["test"]] - y[splits["train"]].mean()
     return {"test_mae": float(np.abs(error).mean()), "test_rmse": float(np.sqrt((error**2).mean())),
@@ -246,7 +246,8 @@ def main(argv: list[str]) -> None:
     del argv
     name = {"gap": "mp_gap", "e_form": "mp_e_form"}[FLAGS.set]
     units = mp.DATASETS[FLAGS.set].units
-    base = baseline(FLAGS.set)
+    atoms, splits = read_split()
+    base = baseline(atoms, splits)
     if "amdnet" in FLAGS.networks and not FLAGS.oxides:
         raise app.UsageError("amdnet trains on oxides only: compare it with --oxides")
     print(f"{name}{' oxides' if FLAGS.oxides else ''}: split {base['split']}; training-mean baseline test MAE "
@@ -263,11 +264,10 @@ def main(argv: list[str]) -> None:
             runs.append(run)
             print(f"{network} seed {seed}: test MAE {run['test_mae']:.4f} ({run['epochs_run']} epochs, best "
                   f"{run['best_epoch']}, {run['cpu_s']:.0f} CPU-s, {run['wall_s']:.0f} s wall)", flush=True)
-        maes = np.array([r["test_mae"] for r in runs])
-        summary[network] = {"config": f"configs/mp.py:{config_arg(network)}",
-                            "test_mae_mean": float(maes.mean()), "test_mae_std": float(maes.std(ddof=1))
-                            if len(maes) > 1 else 0.0, "runs": runs}
-    common = common_test_maes(summary, test_crystals())
+        mean, std = mean_std([r["test_mae"] for r in runs])
+        summary[network] = {"config": f"configs/mp.py:{config_arg(network)}", "test_mae_mean": mean,
+                            "test_mae_std": std, "runs": runs}
+    common = common_test_maes(summary, [atoms[k] for k in splits["test"]])
     out = Path(FLAGS.out or REPO / f"experiments/results/compare_{study()}.json")
     result = {"set": name, "oxides_only": FLAGS.oxides, "split": base["split"], "budget_s": FLAGS.budget_s,
               "seeds": list(map(int, FLAGS.seeds)), "prediction_floor": 0.0 if FLAGS.set == "gap" else None,

@@ -389,14 +389,15 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
                   "val_mae": val_metrics["mae"], "val_rmse": val_metrics["rmse"], "units": run.units,
                   "epoch_time_s": epoch_time, "train_mol_per_s": train_metrics["count"] / max(epoch_time, 1e-9),
                   "best_val_mae": loop.best_val_mae}
+        diverged_stop = False
         if run.on_divergence == "reload_best":
-            state, record["divergence"] = _handle_divergence(state, loop, ckpt, train_metrics, epoch)
+            state, record["divergence"], diverged_stop = _handle_divergence(state, loop, ckpt, train_metrics, epoch)
         writer.write(record)
         log.info("epoch %d: loss %.4f train MAE %.4g val MAE %.4g %s (best %.4g @ %d), lr %.3g, %.0f mol/s",
                  epoch, record["train_loss"], record["train_mae"], record["val_mae"], run.units,
                  loop.best_val_mae, loop.best_epoch, record["lr"], record["train_mol_per_s"])
         loop.epoch, loop.batch_index, loop.epoch_lr, loop.epoch_sums = epoch + 1, 0, None, None
-        if record.get("divergence", "").startswith("stopped"):
+        if diverged_stop:
             loop.stop_reason = record["divergence"]
         elif loop.epochs_since_best >= run.patience:
             loop.stop_reason = f"early stopping: no validation improvement for {run.patience} epochs"
@@ -425,21 +426,22 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
 
 
 def _handle_divergence(state: TrainState, loop: LoopState, ckpt: checkpoints.Checkpointer,
-                       train_metrics: dict[str, float], epoch: int) -> tuple[TrainState, str]:
+                       train_metrics: dict[str, float], epoch: int) -> tuple[TrainState, str, bool]:
     """MEGNet's ReduceLRUponNan at the end of ``epoch`` (``optimizer.on_divergence = "reload_best"``).
 
-    Returns the state to go on with and what was done ("" if the epoch did not diverge):
-    the rate halved and the best-validation parameters and model state reloaded (optimiser
-    moments kept, as Keras ``load_weights``), or training stopped below ``MIN_LR_AFTER_DIVERGENCE``.
+    Returns the state to go on with, what was done ("" if the epoch did not diverge) and whether
+    training stops: the rate halved and the best-validation parameters and model state reloaded
+    (optimiser moments kept, as Keras ``load_weights``), or a stop below ``MIN_LR_AFTER_DIVERGENCE``.
     """
     previous, loop.last_train_loss = loop.last_train_loss, train_metrics["loss"]
     if not diverged(train_metrics["loss"], train_metrics["nonfinite"], previous):
-        return state, ""
+        return state, "", False
     loop.lr_scale *= 0.5
     rate = loop.epoch_lr * loop.lr_scale
     why = (f"{train_metrics['nonfinite']:.0f} non-finite step(s)" if train_metrics["nonfinite"]
            else f"loss {train_metrics['loss']:.4g} after {previous:.4g}")
-    if rate < MIN_LR_AFTER_DIVERGENCE:
+    stop = rate < MIN_LR_AFTER_DIVERGENCE
+    if stop:
         done = f"stopped: epoch {epoch} diverged ({why}) and the halved learning rate {rate:.3g} is below " \
                f"{MIN_LR_AFTER_DIVERGENCE:g}"
     elif ckpt.best_meta() is None:
@@ -450,7 +452,7 @@ def _handle_divergence(state: TrainState, loop: LoopState, ckpt: checkpoints.Che
         done = (f"epoch {epoch} diverged ({why}): learning rate halved to {rate:.3g}, best-validation "
                 f"parameters of epoch {ckpt.best_meta()['epoch']} reloaded")
     log.warning("%s", done)
-    return state, done
+    return state, done, stop
 
 
 def _final_evaluation(run: RunSettings, workdir: Path, ckpt: checkpoints.Checkpointer, trainer: Trainer,

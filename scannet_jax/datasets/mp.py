@@ -165,10 +165,7 @@ def is_oxide(atoms: ase.Atoms) -> bool:
 def oxides(atoms: list[ase.Atoms], splits: dict[str, np.ndarray]) -> tuple[list[ase.Atoms], dict[str, np.ndarray]]:
     """The oxides among ``atoms`` (file order) and each split's oxides, re-indexed to them."""
     keep = np.array([k for k, a in enumerate(atoms) if is_oxide(a)], np.int64)
-    position = np.full(len(atoms), -1, np.int64)
-    position[keep] = np.arange(len(keep))
-    return ([atoms[k] for k in keep],
-            {split: position[index][position[index] >= 0] for split, index in splits.items()})
+    return [atoms[k] for k in keep], rows_of_kept(splits, keep, len(atoms))
 
 
 def load(
