@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif args.augment:
         raise ValueError("configs/mp.py: 'augment' is an option of the 'lstm' model")
     if args.megnet or args.amdnet:
-        megnet_recipe(config, args.tiny, "amdnet" if args.amdnet else "megnet")
+        qm9.megnet_recipe(config, args.tiny, "amdnet" if args.amdnet else "megnet")
     config.data.oxides_only = args.oxides or args.amdnet
     return config
 
@@ -91,25 +91,3 @@ def lstm_recipe(config: ml_collections.ConfigDict, tiny: bool, augment: bool) ->
     if tiny:
         config.model.update({"embedding_dim": 8, "atom_features": 12, "crystal_features": 10, "head_features": [8]})
         config.batch_size = config.eval_batch_size = 8
-
-
-def megnet_recipe(config: ml_collections.ConfigDict, tiny: bool, name: str) -> None:
-    """Turns ``config`` into MEGNet's or AMDNet's (``name``; see the module docstring)."""
-    from scannet_jax import models  # deferred: keeps `import scannet_jax.configs.mp` free of JAX
-
-    config.data.graph_builder = "motif_dual" if name == "amdnet" else "radius"
-    config.data.featurizer = ml_collections.ConfigDict({"cutoff": 5.0})
-    config.data.ring = False
-    config.model = models.default_model_config(name)
-    config.loss = "mse"
-    config.optimizer.update(name="adam", lr=5e-5, min_lr=5e-5, schedule="constant", legacy_decay=0.0, eps=1e-7,
-                            l2=0.0, weight_decay=0.0, on_divergence="reload_best")
-    if config.data.target == "band_gap":
-        config.prediction_floor = 0.0  # evaluate_AMDnet.py: max(0, p)
-    config.batch_size, config.eval_batch_size = 32, 64
-    config.num_epochs, config.patience = 1000, 100
-    if tiny:
-        config.model.update({"num_blocks": 1, "n1": 16, "n2": 8, "n3": 4, "num_steps": 2,
-                             **({"num_output_embedding": 4, "num_last_layer": 8} if name == "amdnet" else {})})
-        config.optimizer.update(lr=1e-2, min_lr=1e-2)
-        config.batch_size, config.eval_batch_size = 4, 8

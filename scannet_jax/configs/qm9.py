@@ -12,6 +12,8 @@ The argument is ``target[,variant...][,key=value...]``:
   on its own k-NN graphs of the molecules (no periodic images, see knn.py), the search started
   at 5 Å as the reference's QM9 recipe does (for a molecule the bonds do not depend on it); the
   target standardised as above (the reference trains on the standardised ``qm9_std_jctc``);
+* ``megnet``: MEGNet on the 5 Å radius graph of the molecules with the released MEGNet/AMDNet
+  recipe (`megnet_recipe`, zoo-reference.md §2.7), the target standardised as above;
 * ``limit=N``: use only the first N molecules.
 
 Every field can also be overridden on the command line, e.g. ``--config.batch_size=64``.
@@ -44,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the QM9 config for ``arg`` (see module docstring)."""
     args = common.parse_arg(
         arg, positional=("target",), target="homo", tiny=False, scann=False, ring=False, limit=0,
-        alignn=False,
+        alignn=False, megnet=False,
     )
     if args.target not in TARGET_UNITS:
         raise ValueError(
@@ -156,6 +158,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.alignn:
         alignn_recipe(config, args.tiny)
         config.data.featurizer.cutoff = 5.0  # Å, the reference's qm9 recipe (same bonds: see knn.py)
+    if args.megnet:
+        megnet_recipe(config, args.tiny, "megnet")
     return config
 
 
@@ -213,6 +217,38 @@ def alignn_recipe(config: ml_collections.ConfigDict, tiny: bool) -> None:
         config.eval_batch_size = 64
         config.num_epochs = 300
         config.patience = config.get_ref("num_epochs") * 1  # the reference does not stop early
+
+
+def megnet_recipe(config: ml_collections.ConfigDict, tiny: bool, name: str) -> None:
+    """MEGNet's or AMDNet's (``name``) graphs, network, loss and released training recipe
+    (zoo-reference.md §2.7), in place: the 5 Å radius graph (``graph_builder = "radius"``; for
+    AMDNet with the oxides' motif graph, ``"motif_dual"``), MSE, Adam at a constant 5e-5, batches
+    of 32, patience 100, MEGNet's handling of a diverged epoch (``on_divergence =
+    "reload_best"``) and, for band gaps, test figures and predictions clipped at 0.
+
+    Args:
+      config: a config of this module (or one derived from it), changed in place.
+      tiny: the smoke-run sizes.
+      name: ``"megnet"`` or ``"amdnet"``.
+    """
+    from scannet_jax import models  # deferred: keeps `import configs.qm9` free of JAX
+
+    config.data.graph_builder = "motif_dual" if name == "amdnet" else "radius"
+    config.data.featurizer = ml_collections.ConfigDict({"cutoff": 5.0})
+    config.data.ring = False
+    config.model = models.default_model_config(name)
+    config.loss = "mse"
+    config.optimizer.update(name="adam", lr=5e-5, min_lr=5e-5, schedule="constant", legacy_decay=0.0, eps=1e-7,
+                            l2=0.0, weight_decay=0.0, on_divergence="reload_best")
+    if config.data.target == "band_gap":
+        config.prediction_floor = 0.0  # evaluate_AMDnet.py: max(0, p)
+    config.batch_size, config.eval_batch_size = 32, 64
+    config.num_epochs, config.patience = 1000, 100
+    if tiny:
+        config.model.update({"num_blocks": 1, "n1": 16, "n2": 8, "n3": 4, "num_steps": 2,
+                             **({"num_output_embedding": 4, "num_last_layer": 8} if name == "amdnet" else {})})
+        config.optimizer.update(lr=1e-2, min_lr=1e-2)
+        config.batch_size, config.eval_batch_size = 4, 8
 
 
 def _tiny_model_sizes(model: ml_collections.ConfigDict) -> dict:
