@@ -34,7 +34,8 @@ of structures trained / training-loop seconds; validation, checkpoints and loggi
 test MAE, peak RSS and wall/CPU seconds of the training process (`os.wait4` of the subprocess:
 imports, graph building, training and evaluation). The bond and triplet counts of every crystal
 are compared between the sides. ``--rounds`` repeats ours and the reference, interleaved, the
-side going first alternating.
+side going first alternating, round r with seed ``--seed`` + r on both sides (so the test MAE's
+spread over rounds is the seed noise).
 
 Writes ``experiments/results/compare_alignn.json`` (``compare_alignn_smoke.json`` with ``--tiny``:
 a smoke test of the script, not the comparison).
@@ -75,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="the small model config (smoke runs)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of both sides")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed of both sides")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initialisation and shuffling seed of both sides in round 0; round r uses seed + r")
     parser.add_argument("--graph_workers", type=int, default=1, help="our featurisation processes")
     parser.add_argument("--ref_python", default=DEFAULT_REF_PYTHON, help="the reference venv's python")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: see the docstring)")
@@ -165,14 +167,15 @@ def _count_parameters(workdir: Path) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def reference_config(args: argparse.Namespace, config, sizes: dict[str, int]) -> dict[str, Any]:
-    """The reference's ``TrainingConfig`` (keys of alignn/config.py) with ``config``'s settings."""
+def reference_config(args: argparse.Namespace, config, sizes: dict[str, int], seed: int) -> dict[str, Any]:
+    """The reference's ``TrainingConfig`` (keys of alignn/config.py) with ``config``'s settings
+    and ``seed``."""
     model, opt, graphs = config.model.to_dict(), config.optimizer, config.data.featurizer
     if (config.loss, opt.name, opt.schedule, config.data.graph_builder) != ("mse", "adamw", "onecycle",
                                                                            "knn_line_graph"):
         raise ValueError("the reference runs only the ALIGNN recipe (MSE, AdamW, one-cycle, k-NN line graph)")
     return {
-        "random_seed": args.seed, "n_train": sizes["train"], "n_val": sizes["validation"], "n_test": sizes["test"],
+        "random_seed": seed, "n_train": sizes["train"], "n_val": sizes["validation"], "n_test": sizes["test"],
         "keep_data_order": True,  # id_prop.json lists train, validation, test in that order
         "epochs": int(config.num_epochs), "batch_size": args.batch_size, "learning_rate": float(opt.lr),
         "weight_decay": float(opt.weight_decay), "criterion": "mse", "optimizer": "adamw", "scheduler": "onecycle",
@@ -239,7 +242,9 @@ def steady_rate(epochs: list[dict[str, Any]]) -> tuple[float, str]:
 
 
 def summarise(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    """Median, range, mean and sample standard deviation (0 for one value) over the rounds."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,17 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     folder = work / "reference_data"
     names = write_reference_folder(folder, atoms, chosen, config.data.target)
-    ref_config = reference_config(args, config, sizes)
-    (work / "reference_config.json").write_text(json.dumps(ref_config, indent=1))
     print(f"{sizes} crystals, {epochs} epochs, batch {args.batch_size}, "
           f"{'tiny' if args.tiny else 'full'} model; work files in {work}", flush=True)
 
     forwarded = [f"--train={args.train}", f"--val={args.val}", f"--test={args.test}", f"--epochs={epochs}",
-                 f"--batch_size={args.batch_size}", f"--seed={args.seed}", f"--graph_workers={args.graph_workers}"]
+                 f"--batch_size={args.batch_size}", f"--graph_workers={args.graph_workers}"]
     forwarded += ["--tiny"] if args.tiny else []
     rounds = []
     for r in range(args.rounds):
-        record: dict[str, Any] = {"round": r}
+        seed = args.seed + r
+        record: dict[str, Any] = {"round": r, "seed": seed}
+        ref_config = reference_config(args, config, sizes, seed)
+        (work / f"reference_config_seed{seed}.json").write_text(json.dumps(ref_config, indent=1))
         sides = ("ours", "reference") if r % 2 == 0 else ("reference", "ours")
         for side in sides:
             run_dir = work / f"round{r}_{side}"
@@ -276,11 +282,11 @@ def main(argv: list[str] | None = None) -> None:
             run_dir.mkdir()
             if side == "ours":
                 command = [sys.executable, str(Path(__file__).resolve()), "--worker=ours",
-                           f"--workdir={run_dir}", *forwarded]
+                           f"--workdir={run_dir}", *forwarded, f"--seed={seed}"]
                 process = run_process(command, run_dir / "log.txt", cwd=REPO)
                 record["ours"] = {"process": process, **json.loads((run_dir / "ours.json").read_text())}
             else:
-                common = [f"--data={folder}", f"--config={work / 'reference_config.json'}"]
+                common = [f"--data={folder}", f"--config={work / f'reference_config_seed{seed}.json'}"]
                 graphs = run_process([args.ref_python, str(REFERENCE_SCRIPT), "graphs", *common,
                                       f"--out={run_dir / 'graphs.json'}"], run_dir / "graphs_log.txt")
                 process = run_process([args.ref_python, str(REFERENCE_SCRIPT), "train", *common,
@@ -303,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str], sizes: dict[str, int],
                  epochs: int, ref_config: dict, out: Path, work: Path) -> dict[str, Any]:
-    """Every figure per round, medians over rounds, the check of the split and graph counts."""
+    """Every figure per round, medians (and means, standard deviations) over rounds, the check of
+    the split and graph counts; ``ref_config`` is the last round's."""
     expected = {"train": names[:sizes["train"]], "validation": names[sizes["train"]:-sizes["test"]],
                 "test": names[-sizes["test"]:]}
     figures: dict[str, dict[str, list[float]]] = {"ours": {}, "reference": {}}
@@ -322,6 +329,7 @@ def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str],
                      if (ours["n_edge"][k], ours["n_triplet"][k])
                      != (ref["graphs"]["n_edge"][k], ref["graphs"]["n_triplet"][k])]
         row = {
+            "seed": record["seed"],
             "ours": {"test_mae": ours["test_mae_best_val"], "graph_structures_per_s": ours["graph_structures_per_s"],
                      "train_structures_per_s": ours_rate, "peak_rss_mib": ours["process"]["peak_rss_mib"],
                      "wall_s": ours["process"]["wall_s"], "cpu_s": ours["process"]["cpu_s"]},
@@ -357,7 +365,8 @@ def build_report(args: argparse.Namespace, rounds: list[dict], names: list[str],
                  "reference_training_structures_per_epoch": last["reference"]["epochs"][0]["structures_trained"],
                  "note": ("the reference's training loader drops the last partial batch (drop_last=True); "
                           "ours pads it, so ours trains on every crystal each epoch")},
-        "settings": {"epochs": epochs, "batch_size": args.batch_size, "tiny": args.tiny, "seed": args.seed,
+        "settings": {"epochs": epochs, "batch_size": args.batch_size, "tiny": args.tiny,
+                     "seeds": [record["seed"] for record in rounds],
                      "rounds": args.rounds, "ours_graph_workers": args.graph_workers,
                      "ours_model": last["ours"]["config"]["model"], "reference_config": ref_config,
                      "ours_steps_per_epoch": -(-sizes["train"] // args.batch_size),
