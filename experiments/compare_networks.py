@@ -229,10 +229,13 @@ def test_predictions(workdir: Path, structures: list, invariance: bool = False) 
 def training_speed(workdir: Path) -> tuple[float, list[float]]:
     """Median training structures/s over the epochs after the first two (which may compile
     programs the warm-up did not; with fewer than three epochs, those after the first, or the
-    first), and the first two epochs' seconds."""
+    first; with none, the unfinished epoch's running rate), and the first two epochs' seconds."""
     path = workdir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     epochs = [r for r in records if "val_mae" in r]
+    if not epochs:
+        partial = [r["train_mol_per_s"] for r in records if "running_train_loss" in r]
+        return (partial[-1] if partial else float("nan")), []
     speeds = [r["train_mol_per_s"] for r in epochs[min(2, max(len(epochs) - 1, 0)):]]
     return float(np.median(speeds)) if speeds else float("nan"), [r["epoch_time_s"] for r in epochs[:2]]
 

@@ -179,6 +179,16 @@ def _host(sums: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in parallel.to_host(sums).items()}
 
 
+def _running_record(host: dict[str, float], epoch: int, step: int, fraction: float, start_count: float,
+                    epoch_start: float) -> dict[str, Any]:
+    """A ``metrics.jsonl`` record of the epoch so far: running loss and MAE, and structures/s
+    since ``epoch_start`` (``start_count``: the epoch's structures trained before it, on a resume)."""
+    running = _summarise(host)
+    return {"epoch": epoch, "step": step, "epoch_progress": epoch + fraction, "running_train_loss": running["loss"],
+            "running_train_mae": running["mae"],
+            "train_mol_per_s": (host["count"] - start_count) / max(time.time() - epoch_start, 1e-9)}
+
+
 def _summarise(sums: dict[str, float]) -> dict[str, float]:
     """Turns summed metrics into means (MAE, RMSE in target units; loss per step)."""
     count = max(sums.get("count", 0.0), 1.0)
@@ -324,6 +334,8 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
         seen_nonfinite = 0.0 if loop.epoch_sums is None else loop.epoch_sums["nonfinite"]
         epoch_start = time.time()
         last_log = (epoch_start, 0.0 if loop.epoch_sums is None else loop.epoch_sums["count"])
+        start_count = last_log[1]  # structures of this epoch trained before a resume
+        logged_at = loop.batch_index  # the batch of the last running record
         batches = batching.device_batches(train_plan, mesh, run.seed, epoch, loop.batch_index, run.prefetch)
         bar = tqdm(batches, total=steps_per_epoch, initial=loop.batch_index, desc=f"epoch {epoch}",
                    disable=jax.process_index() != 0, leave=False, mininterval=1.0)
@@ -341,17 +353,16 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
                                 "kept at the last good step, learning rate halved to %.3g",
                                 int(state.step), loop.epoch_lr * loop.lr_scale)
                     state = set_learning_rate(state, loop.epoch_lr * loop.lr_scale, mesh)
-                running = _summarise(host)
-                rate = host["count"] / max(time.time() - epoch_start, 1e-9)
+                record = _running_record(host, epoch, int(state.step), loop.batch_index / steps_per_epoch,
+                                         start_count, epoch_start)
                 now = time.time()
                 # the speed since the last interval: the first intervals include compilation
                 clock.train_speed((host["count"] - last_log[1]) / max(now - last_log[0], 1e-9))
                 last_log = (now, host["count"])
-                bar.set_postfix(loss=f"{running['loss']:.4f}", mae=f"{running['mae']:.4g}", mol_s=f"{rate:.0f}")
-                writer.write({"epoch": epoch, "step": int(state.step),
-                              "epoch_progress": epoch + loop.batch_index / steps_per_epoch,
-                              "running_train_loss": running["loss"],
-                              "running_train_mae": running["mae"], "train_mol_per_s": rate})
+                bar.set_postfix(loss=f"{record['running_train_loss']:.4f}", mae=f"{record['running_train_mae']:.4g}",
+                                mol_s=f"{record['train_mol_per_s']:.0f}")
+                writer.write(record)
+                logged_at = loop.batch_index
             step_due = bool(run.checkpoint_every_steps) and loop.batch_index % run.checkpoint_every_steps == 0
             signalled = time_due = False
             if loop.batch_index % run.log_every_steps == 0 or step_due:
@@ -371,6 +382,10 @@ def _train(config: ml_collections.ConfigDict, config_dict: dict[str, Any], workd
         bar.close()
         if loop.stop_reason:
             loop.epoch_sums = _host(sums) if sums else None
+            if loop.epoch_sums is not None and logged_at != loop.batch_index:
+                # the partial epoch, so that its throughput is on record
+                writer.write(_running_record(loop.epoch_sums, epoch, int(state.step),
+                                             loop.batch_index / steps_per_epoch, start_count, epoch_start))
             ckpt.save(int(state.step), state, meta())
             clock.saved()
             break

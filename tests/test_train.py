@@ -449,6 +449,21 @@ def test_fresh_run_moves_an_earlier_runs_outputs_aside(fixture_run, tmp_path):
     assert (previous / "metrics.jsonl").read_text() == old_metrics and (previous / "best").is_dir()
 
 
+def test_a_budget_stop_mid_epoch_records_the_partial_epoch(tmp_path):
+    """A run whose wall-time budget ends inside its first epoch, between two log steps, still
+    leaves that epoch's throughput in metrics.jsonl (one running record, at the last step)."""
+    from scannet_jax import train
+
+    config = fixture_config(log_every_steps=1000, max_wall_time_s=1e-3, checkpoint_every_steps=0)
+    results = train.train_and_evaluate(config, str(tmp_path), data=fixture_datasets())
+    assert results["epochs_run"] == 0 and results["stop_reason"].endswith("reached in epoch 0")
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = -(-len(fixture_datasets().indices("train")) // config.batch_size)
+    assert record["step"] == results["steps_run"] >= 1
+    assert record["epoch_progress"] == pytest.approx(record["step"] / steps_per_epoch) and record["epoch_progress"] < 1
+    assert record["train_mol_per_s"] > 0 and np.isfinite(record["running_train_loss"])
+
+
 def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(tmp_path):
     import signal
 
