@@ -55,14 +55,15 @@ def rows(result: dict, source: str) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | network | parameters | training structures/s | test MAE per seed | mean ± std | "
-             "max change, rotated + reordered |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | network | parameters | epochs in the budget | training structures/s | test MAE per seed | "
+             "mean ± std | max change, rotated + reordered |", "|---|---|---|---|---|---|---|---|"]
     for r in table:
         if "parameters" not in r:
-            lines.append(f"| {r['task']} | {r['network']} | | | | {r['test_mae_mean']:.3f} | |")
+            lines.append(f"| {r['task']} | {r['network']} | | | | | {r['test_mae_mean']:.3f} | |")
             continue
         seeds = " / ".join(f"{v:.3f}" for v in r["test_mae_per_seed"].values())
-        lines.append(f"| {r['task']} | {r['network']} | {r['parameters']:,} | {r['train_structures_per_s']:.0f} | "
+        epochs = f"{min(r['epochs_run'])}–{max(r['epochs_run'])}" if len(set(r["epochs_run"])) > 1 else r["epochs_run"][0]
+        lines.append(f"| {r['task']} | {r['network']} | {r['parameters']:,} | {epochs} | {r['train_structures_per_s']:.0f} | "
                      f"{seeds} | {r['test_mae_mean']:.3f} ± {r['test_mae_std']:.3f} | "
                      f"{r['rotation_and_atom_order_max_abs_change']:.1e} |")
     return "\n".join(lines)
