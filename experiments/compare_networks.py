@@ -278,8 +278,8 @@ def plot(path: Path, summary: dict, base: dict, units: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=150)
     names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.4), dpi=150)
     for k, name in enumerate(names):
         maes = [r["test_mae_common"] for r in summary[name]["runs"]]
         ax.scatter([k] * len(maes), maes, color="C0", zorder=3)
