@@ -65,12 +65,12 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-
 from ase import Atoms
 
 from scannet_jax import atomic
 from scannet_jax.configs import qm9 as qm9_config
 from scannet_jax.datasets import mp, qm9
+from scannet_jax.structures import to_atoms
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -172,10 +172,9 @@ def read_split() -> tuple[list, dict[str, np.ndarray]]:
     if is_qm9():
         molecules = qm9.read_qm9(limit=FLAGS.qm9_limit)
         atoms = []
-        for s in range(len(molecules)):
-            structure = molecules.structure(s)
-            atoms.append(Atoms(structure.numbers, structure.positions,
-                               info={"id": f"gdb_{molecules.gdb_index[s]}", "homo": molecules.targets["homo"][s]}))
+        for s, structure in enumerate(molecules.structures()):
+            atoms.append(to_atoms(structure))
+            atoms[-1].info.update(id=f"gdb_{molecules.gdb_index[s]}", homo=molecules.targets["homo"][s])
         return atoms, qm9.split_indices(molecules.n_atoms, qm9_config.get_config("homo").split_seed)
     atoms, splits = mp.read(FLAGS.set)
     for a in atoms:
@@ -236,8 +235,8 @@ def training_speed(workdir: Path) -> tuple[float, list[float]]:
     if not epochs:
         partial = [r["train_mol_per_s"] for r in records if "running_train_loss" in r]
         return (partial[-1] if partial else float("nan")), []
-    speeds = [r["train_mol_per_s"] for r in epochs[min(2, max(len(epochs) - 1, 0)):]]
-    return float(np.median(speeds)) if speeds else float("nan"), [r["epoch_time_s"] for r in epochs[:2]]
+    speeds = [r["train_mol_per_s"] for r in epochs[min(2, len(epochs) - 1):]]
+    return float(np.median(speeds)), [r["epoch_time_s"] for r in epochs[:2]]
 
 
 def common_test_maes(summary: dict, structures: list) -> dict:

@@ -19,7 +19,7 @@ from ase.spacegroup import crystal
 from scannet_jax import batching, megnet, models, motifs
 from scannet_jax.datasets import featurize
 from scannet_jax.radius_graph import radius_neighbors
-from scannet_jax.structures import from_atoms
+from scannet_jax.structures import from_atoms, to_atoms
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pymatgen's oxidation-state guesses
 
@@ -301,7 +301,7 @@ def test_megnet_trains_on_qm9_molecules_and_predicts_them(tmp_path):
 
     molecules = qm9.read_qm9(limit=60)
     test = qm9.split_indices(molecules.n_atoms, config.split_seed)["test"]
-    atoms = [Atoms(molecules.structure(s).numbers, molecules.structure(s).positions) for s in test]
+    atoms = [to_atoms(molecules.structure(s)) for s in test]
     rng = np.random.default_rng(1)
     moved = []
     for a in atoms:
