@@ -125,6 +125,9 @@ class ModelSpec(NamedTuple):
       node_scores: name of the per-atom output (``"ga_score"``), or None if the network has none.
       num_elements: model config -> number of embedding rows (atoms with Z >= this cannot be
         predicted).
+      train_with_ynn: whether the jitted train step keeps XLA CPU's YNNPACK fusions (on by
+        default in jaxlib 0.10); evaluation and prediction never do (`steps.compiler_options`,
+        measured per network in docs/performance.md).
     """
 
     build: Callable[[dict[str, Any]], nn.Module]
@@ -132,6 +135,7 @@ class ModelSpec(NamedTuple):
     regularizer: Callable[[Any, float], jax.Array]
     node_scores: str | None
     num_elements: Callable[[dict[str, Any]], int]
+    train_with_ynn: bool = True
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -357,6 +361,7 @@ def _scann_spec(g_update: bool) -> ModelSpec:
         regularizer=losses.l2_penalty,
         node_scores="ga_score",
         num_elements=lambda values: int(values.get("n_atoms", ScannConfig.n_atoms)),
+        train_with_ynn=not g_update,
     )
 
 
@@ -374,6 +379,7 @@ register("alignn", ModelSpec(
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
     num_elements=lambda values: int(alignn.cgcnn_table().shape[0]),
+    train_with_ynn=False,
 ))
 
 

@@ -192,12 +192,31 @@ class Steps:
         return {name: counter.count for name, counter in self.traces.items()}
 
 
-def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: float) -> Steps:
+def compiler_options(ynn: bool) -> dict[str, str] | None:
+    """XLA options of a jitted step: on the CPU backend without YNNPACK fusions unless ``ynn``.
+
+    jaxlib 0.10's CPU backend hands dots and their fused neighbours to YNNPACK by default. On
+    this project's CPU that made SCANN+'s train step about 12 % and the evaluation of every
+    network 4-50 % slower, but the LSTM's train step faster (docs/performance.md), so the choice
+    is per network (`models.ModelSpec.train_with_ynn`) and per step. Numbers agree to float32
+    rounding either way. Other backends get no options.
+    """
+    if ynn or jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: float,
+               ynn: bool | None = None) -> Steps:
     """``train_step``, ``eval_step`` and ``predict_step`` for ``mesh``, with the loss
-    (``losses.LOSSES`` name) and the regulariser of the network ``model_config`` names."""
+    (``losses.LOSSES`` name) and the regulariser of the network ``model_config`` names.
+
+    ``ynn`` None compiles as `compiler_options` says for this network; True or False sets all
+    three steps alike (benchmarks: experiments/bench_compiler_options.py)."""
     if loss not in losses.LOSSES:
         raise ValueError(f"config.loss={loss!r}: unknown; known: {', '.join(losses.LOSSES)}")
-    regularizer = models.get_spec(model_config).regularizer
+    spec = models.get_spec(model_config)
+    regularizer = spec.regularizer
     traces = {"train": TraceCounter(functools.partial(train_step, loss=losses.LOSSES[loss],
                                                       regularizer=regularizer, coeff=coeff)),
               "eval": TraceCounter(eval_step), "predict": TraceCounter(predict_step)}
@@ -205,7 +224,10 @@ def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: flo
     train = parallel.data_parallel(traces["train"], mesh, data, (P(), P()))
     evaluate = parallel.data_parallel(traces["eval"], mesh, data, P())
     predict = parallel.data_parallel(traces["predict"], mesh, data, P(parallel.AXIS))
-    return Steps(train=jax.jit(train, donate_argnums=0), eval=jax.jit(evaluate), predict=jax.jit(predict),
+    forward = compiler_options(ynn=bool(ynn))
+    train_options = compiler_options(spec.train_with_ynn if ynn is None else ynn)
+    return Steps(train=jax.jit(train, donate_argnums=0, compiler_options=train_options),
+                 eval=jax.jit(evaluate, compiler_options=forward), predict=jax.jit(predict, compiler_options=forward),
                  traces=traces)
 
 

@@ -300,6 +300,35 @@ def test_nonfinite_step_is_skipped():
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
 
 
+def test_cpu_steps_are_compiled_without_ynn_fusions_where_the_network_runs_faster_so():
+    """On CPU, SCANN+'s train, eval and predict steps and the Predictor's forward pass have no
+    YNNPACK fusion (steps.compiler_options), and they give the numbers of a plain ``jax.jit`` of
+    the same forward pass to float32 rounding; SCANN's and the LSTM's train steps keep the
+    backend's default."""
+    import jax
+
+    from scannet_jax import models, parallel, steps, train
+
+    assert jax.default_backend() == "cpu"
+    assert steps.compiler_options(ynn=True) is None
+    assert steps.compiler_options(ynn=False) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert {name: models.get_spec(name).train_with_ynn for name in ("scannplus", "scann", "alignn", "lstm")} == {
+        "scannplus": False, "scann": True, "alignn": False, "lstm": True}
+
+    trainer = train.setup(fixture_config(batch_size=8, num_buckets=1), fixture_datasets())
+    assert models.model_name(trainer.config.model) == "scannplus"
+    batch = parallel.shard_batch(trainer.train_plan.batch(trainer.data.indices("train")[:8]), trainer.mesh)
+    for name in ("train", "eval", "predict"):
+        text = getattr(trainer.steps, name).lower(trainer.state, batch).compile().as_text()
+        assert "__ynn_fusion" not in text, name
+
+    state = trainer.state
+    plain = jax.jit(lambda s, b: steps.model_outputs(s.apply_fn, s.variables(), parallel.unstack_local(b),
+                                                     s.target_mean, s.target_std)[0])
+    np.testing.assert_allclose(np.asarray(trainer.steps.predict(state, batch))[0], np.asarray(plain(state, batch)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_optimizer_applies_the_original_learning_rate():
     """Our update divided by the same Adam direction at a constant 5e-4 is the applied rate / 5e-4.
 
