@@ -72,7 +72,7 @@ def bench_network(network: str, steps: int, rounds: int) -> dict:
         for ynn in ((True, False) if r % 2 == 0 else (False, True)):
             for step in ("train", "predict"):
                 times[f"{step}/{'ynn' if ynn else 'no_ynn'}"].append(_timed(call(ynn, step), steps))
-    out = {"batch_structures": int(config.batch_size), "padded_edges": int(np.asarray(batch.n_edge).sum()),
+    out = {"batch_structures": int(config.batch_size), "padded_edges": int(np.asarray(getattr(batch, "graphs", batch).n_edge).sum()),
            "max_prediction_difference": float(np.max(np.abs(predictions[True] - predictions[False])))}
     for key, values in times.items():
         out[key] = {"wall_ms": statistics.median(v[0] for v in values), "cpu_ms": statistics.median(v[1] for v in values),
@@ -97,17 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for network in args.networks.split(","):
         load = os.getloadavg()[0]
+        spec = models.get_spec(network)
         results[network] = dict(bench_network(network, args.steps, args.rounds), loadavg_before=load,
-                                train_with_ynn=models.get_spec(network).train_with_ynn)
+                                train_with_ynn=spec.train_with_ynn, forward_with_ynn=spec.forward_with_ynn)
         r = results[network]
         print(f"{network:10} train {r['train/ynn']['wall_ms']:8.1f} ms with YNNPACK, {r['train/no_ynn']['wall_ms']:8.1f} "
               f"without ({r['train/speedup_without_ynn']:.2f}x); predict {r['predict/ynn']['wall_ms']:7.1f} / "
               f"{r['predict/no_ynn']['wall_ms']:7.1f} ms ({r['predict/speedup_without_ynn']:.2f}x); "
               f"predictions differ by {r['max_prediction_difference']:.1e}; load {load:.1f}", flush=True)
-    Path(args.out).write_text(json.dumps({
-        "command": "python experiments/bench_compiler_options.py " + " ".join(sys.argv[1:]),
-        "jax_version": jax.__version__, "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
-        "steps": args.steps, "rounds": args.rounds, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({  # after every network: a cut-short run keeps what it measured
+            "command": "python experiments/bench_compiler_options.py " + " ".join(sys.argv[1:]),
+            "jax_version": jax.__version__, "cpu_count": os.cpu_count(), "device": str(jax.devices()[0]),
+            "steps": args.steps, "rounds": args.rounds, "results": results}, indent=1))
     print("wrote", args.out)
 
 

@@ -125,9 +125,9 @@ class ModelSpec(NamedTuple):
       node_scores: name of the per-atom output (``"ga_score"``), or None if the network has none.
       num_elements: model config -> number of embedding rows (atoms with Z >= this cannot be
         predicted).
-      train_with_ynn: whether the jitted train step keeps XLA CPU's YNNPACK fusions (on by
-        default in jaxlib 0.10); evaluation and prediction never do (`steps.compiler_options`,
-        measured per network in docs/performance.md).
+      train_with_ynn, forward_with_ynn: whether the jitted train step, and the evaluation and
+        prediction steps, keep XLA CPU's YNNPACK fusions (on by default in jaxlib 0.10;
+        `steps.compiler_options`; measured per network by experiments/bench_compiler_options.py).
     """
 
     build: Callable[[dict[str, Any]], nn.Module]
@@ -136,6 +136,7 @@ class ModelSpec(NamedTuple):
     node_scores: str | None
     num_elements: Callable[[dict[str, Any]], int]
     train_with_ynn: bool = True
+    forward_with_ynn: bool = True
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -361,7 +362,8 @@ def _scann_spec(g_update: bool) -> ModelSpec:
         regularizer=losses.l2_penalty,
         node_scores="ga_score",
         num_elements=lambda values: int(values.get("n_atoms", ScannConfig.n_atoms)),
-        train_with_ynn=not g_update,
+        train_with_ynn=False,
+        forward_with_ynn=False,
     )
 
 
@@ -380,6 +382,7 @@ register("alignn", ModelSpec(
     node_scores=None,
     num_elements=lambda values: int(alignn.cgcnn_table().shape[0]),
     train_with_ynn=False,
+    forward_with_ynn=False,
 ))
 
 
@@ -393,6 +396,7 @@ register("lstm", ModelSpec(
     regularizer=lambda params, coeff: jnp.float32(0.0),
     node_scores=None,
     num_elements=lambda values: int(values.get("max_atomic_number", lstm.MAX_ATOMIC_NUMBER)) + 1,
+    forward_with_ynn=False,
 ))
 
 

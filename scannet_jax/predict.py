@@ -167,7 +167,8 @@ class Predictor:
         scale = np.float32(self.mean), np.float32(self.std)
         self._trace = steps.TraceCounter(
             lambda variables, graphs: steps.model_outputs(model.apply, variables, graphs, *scale))
-        self._apply = jax.jit(self._trace, compiler_options=steps.compiler_options(ynn=False))
+        self._apply = jax.jit(self._trace, compiler_options=steps.compiler_options(
+            models.get_spec(self.model_config).forward_with_ynn))
 
     # ---------------------------------------------------------------------------------------
     # Construction.

@@ -196,9 +196,9 @@ def compiler_options(ynn: bool) -> dict[str, str] | None:
     """XLA options of a jitted step: on the CPU backend without YNNPACK fusions unless ``ynn``.
 
     jaxlib 0.10's CPU backend hands dots and their fused neighbours to YNNPACK by default. On
-    this project's CPU that made SCANN+'s train step about 12 % and the evaluation of every
-    network 4-50 % slower, but the LSTM's train step faster (docs/performance.md), so the choice
-    is per network (`models.ModelSpec.train_with_ynn`) and per step. Numbers agree to float32
+    this project's CPU that made SCANN+'s steps 11-27 % and the LSTM's forward pass 40 % slower,
+    but MEGNet's forward pass faster (docs/performance.md), so the choice is per network and
+    step (`models.ModelSpec.train_with_ynn`, ``forward_with_ynn``). Numbers agree to float32
     rounding either way. Other backends get no options.
     """
     if ynn or jax.default_backend() != "cpu":
@@ -224,7 +224,7 @@ def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: flo
     train = parallel.data_parallel(traces["train"], mesh, data, (P(), P()))
     evaluate = parallel.data_parallel(traces["eval"], mesh, data, P())
     predict = parallel.data_parallel(traces["predict"], mesh, data, P(parallel.AXIS))
-    forward = compiler_options(ynn=bool(ynn))
+    forward = compiler_options(spec.forward_with_ynn if ynn is None else ynn)
     train_options = compiler_options(spec.train_with_ynn if ynn is None else ynn)
     return Steps(train=jax.jit(train, donate_argnums=0, compiler_options=train_options),
                  eval=jax.jit(evaluate, compiler_options=forward), predict=jax.jit(predict, compiler_options=forward),
