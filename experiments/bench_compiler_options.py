@@ -3,7 +3,8 @@
     python experiments/bench_compiler_options.py [--networks=scannplus,scann,megnet,lstm,alignn] [--steps=6]
 
 jaxlib 0.10's CPU backend hands dots and their fused neighbours to YNNPACK by default;
-`steps.compiler_options` turns that off per network and step (`models.ModelSpec.train_with_ynn`).
+`steps.compiler_options` turns that off per network and step (`models.ModelSpec.train_with_ynn`,
+``forward_with_ynn``).
 This measures what that choice rests on: per network, its recipe's model on one training batch of
 the MP band-gap set (``configs/mp.py:gap[,network]``, the recipe's batch size, one bucket), the
 train step and the predict step compiled both ways (`steps.make_steps(..., ynn=True|False)`) in
@@ -66,12 +67,12 @@ def bench_network(network: str, steps: int, rounds: int) -> dict:
             return metrics
         return train_call
 
-    times: dict[str, list[tuple[float, float]]] = {f"{s}/{'ynn' if y else 'no_ynn'}": [] for s in ("train", "predict")
-                                                   for y in (True, False)}
+    label = {True: "ynn", False: "no_ynn"}
+    times: dict[str, list[tuple[float, float]]] = {f"{s}/{label[y]}": [] for s in ("train", "predict") for y in label}
     for r in range(rounds):
         for ynn in ((True, False) if r % 2 == 0 else (False, True)):
             for step in ("train", "predict"):
-                times[f"{step}/{'ynn' if ynn else 'no_ynn'}"].append(_timed(call(ynn, step), steps))
+                times[f"{step}/{label[ynn]}"].append(_timed(call(ynn, step), steps))
     out = {"batch_structures": int(config.batch_size), "padded_edges": int(np.asarray(getattr(batch, "graphs", batch).n_edge).sum()),
            "max_prediction_difference": float(np.max(np.abs(predictions[True] - predictions[False])))}
     for key, values in times.items():

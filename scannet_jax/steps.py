@@ -211,8 +211,9 @@ def make_steps(mesh: jax.sharding.Mesh, model_config: Any, loss: str, coeff: flo
     """``train_step``, ``eval_step`` and ``predict_step`` for ``mesh``, with the loss
     (``losses.LOSSES`` name) and the regulariser of the network ``model_config`` names.
 
-    ``ynn`` None compiles as `compiler_options` says for this network; True or False sets all
-    three steps alike (benchmarks: experiments/bench_compiler_options.py)."""
+    ``ynn`` None compiles each step as the network's `models.ModelSpec` chooses
+    (``train_with_ynn``, ``forward_with_ynn``); True or False sets all three steps alike
+    (benchmarks: experiments/bench_compiler_options.py)."""
     if loss not in losses.LOSSES:
         raise ValueError(f"config.loss={loss!r}: unknown; known: {', '.join(losses.LOSSES)}")
     spec = models.get_spec(model_config)
