@@ -112,6 +112,9 @@ def load_subset(args: argparse.Namespace) -> tuple[list, dict[str, list[int]]]:
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--worker ours`` process: featurise the subset, train, evaluate; figures as a dict."""
+    from scannet_jax import host_memory
+
+    host_memory.keep_freed_memory()  # as the command line does, before JAX starts
     import flax
     import jax
     import numpy as np

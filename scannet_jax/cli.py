@@ -24,7 +24,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scannet_jax import configs
+from scannet_jax import configs, host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config: a packaged config's name or a file path, "
@@ -86,6 +86,7 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
 def run(argv: list[str] | None = None) -> None:
     """Dispatches ``[prog, "train" | "predict" | flags...]``; no subcommand means ``train``."""
     argv = list(sys.argv if argv is None else argv)
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     if len(argv) > 1 and argv[1] == "predict":
         from scannet_jax import cli_predict
 
