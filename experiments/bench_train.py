@@ -130,9 +130,6 @@ def bench_variant(variant: str) -> dict:
 
 def main(argv):
     del argv
-    from scannet_jax import host_memory
-
-    host_memory.keep_freed_memory()  # as the command line does, before JAX starts
     import jax
 
     load_before = os.getloadavg()

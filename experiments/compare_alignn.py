@@ -114,7 +114,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--worker ours`` process: featurise the subset, train, evaluate; figures as a dict."""
     from scannet_jax import host_memory
 
-    host_memory.keep_freed_memory()  # as the command line does, before JAX starts
+    config = ours_config(args)
+    if config.keep_freed_host_memory:
+        host_memory.keep_freed_memory()  # as the command line does, before JAX starts
     import flax
     import jax
     import numpy as np
@@ -124,7 +126,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from scannet_jax.datasets import featurize, splits
     from scannet_jax.structures import from_atoms
 
-    config = ours_config(args)
     atoms, chosen = load_subset(args)
     order = [i for s in SPLITS for i in chosen[s]]
     structures = [from_atoms(atoms[i]) for i in order]

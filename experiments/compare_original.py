@@ -23,10 +23,6 @@ Tasks, all on the same ``--molecules`` QM9 molecules (seeded sample) with batch 
   predict end to end (structures in, predictions out, 2 featurisation processes, full-size
   SCANN+ with random weights) on ``--predict`` molecules.
 
-Our processes set glibc's malloc as the command line does (`scannet_jax.host_memory`); the
-original's run with glibc's defaults, or with ``--original-malloc=keep`` the same settings through
-its environment, to see how much of the ratio an allocator setting would give the original.
-
 Figures are medians over rounds with min–max; ratios are ours / original of the medians. Writes
 experiments/results/compare_original.json.
 """
@@ -72,9 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--neighbours", help="the original's neighbour lists (pickle) of this very sample, "
                         "saved by an earlier run (--save-neighbours), instead of recomputing them")
     parser.add_argument("--save-neighbours", help="keep the original's neighbour lists (pickle) here")
-    parser.add_argument("--original-malloc", choices=("default", "keep"), default="default",
-                        help="keep: run the original's processes with the glibc settings ours make "
-                        "(scannet_jax.host_memory.ENVIRONMENT), to see whether it gains the same")
     parser.add_argument("--ours-root", default=str(REPO),
                         help="checkout whose scannet_jax is measured (e.g. an exported commit)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_original.json"))
@@ -277,9 +270,6 @@ def ours_training_setup(store, variant: str, batch: int, num_buckets: int = 2):
 
 
 def ours_worker(task: str, args: argparse.Namespace) -> dict:
-    from scannet_jax import host_memory
-
-    host_memory.keep_freed_memory()  # as the command line does, before JAX starts
     import jax
     import numpy as np
 
@@ -347,10 +337,6 @@ def _run_worker(side: str, task: str, args: argparse.Namespace, data_dir: Path) 
     result = data_dir / f"{side}_{task}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TF_NUM_INTRAOP_THREADS=str(THREADS),
                TF_NUM_INTEROP_THREADS=str(THREADS), PYTHONPATH=args.ours_root if side == "ours" else "")
-    if side == "original" and args.original_malloc == "keep":
-        from scannet_jax import host_memory
-
-        env.update(host_memory.ENVIRONMENT)
     cmd = [python, str(Path(__file__).resolve()), f"--worker={side}:{task}", f"--data={data_dir}",
            f"--ours-root={args.ours_root}",
            f"--result={result}", f"--batch={args.batch}", f"--epochs={args.epochs}",
@@ -435,9 +421,6 @@ def write_results(args: argparse.Namespace, runs: dict, tasks: list[str], neighb
         "molecules": f"{args.molecules} QM9 molecules sampled with seed {args.seed}; the original's "
                      f"neighbour lists for training/inference ({neighbours['edges']} edges)",
         "batch": args.batch, "timed_epochs": args.epochs, "rounds": rounds, "tasks_done": tasks, "threads": THREADS,
-        "allocator": {"ours": "scannet_jax.host_memory.keep_freed_memory() (as the command line)",
-                      "original": ("glibc defaults" if args.original_malloc == "default"
-                                   else "scannet_jax.host_memory.ENVIRONMENT")},
         "cpu_count": os.cpu_count(), "original": str(ORIGINAL_SRC), "ours_root": args.ours_root,
         "loadavg_1min_before_runs": _summary(loads), "figures": figures,
         "runs": {task: runs[task] for task in tasks},

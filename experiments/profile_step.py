@@ -236,12 +236,6 @@ def _variant_steps(store, variant: str, batch_size: int):
 
 def _time_steps(args) -> dict:
     """Wall ms/step and CPU ms/step (all threads) of the train and eval steps of every variant."""
-    import importlib.util
-
-    if importlib.util.find_spec("scannet_jax.host_memory"):  # checkouts before it have none
-        from scannet_jax import host_memory
-
-        host_memory.keep_freed_memory()
     import jax
 
     store = _setup(args)
@@ -321,9 +315,6 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from scannet_jax import host_memory
-
-    host_memory.keep_freed_memory()  # as the command line does, before JAX starts
     import jax
 
     from cost_analysis import measure_peaks

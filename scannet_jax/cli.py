@@ -36,6 +36,8 @@ def train(argv: list[str]) -> None:
     """absl main of ``train``: sets up logging into the workdir and runs `train.train_and_evaluate`."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config.keep_freed_host_memory:
+        host_memory.keep_freed_memory()  # before JAX starts its threads
     from scannet_jax import parallel, train as training  # after flag parsing: JAX starts here
 
     distributed = FLAGS.config.distributed
@@ -86,7 +88,6 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
 def run(argv: list[str] | None = None) -> None:
     """Dispatches ``[prog, "train" | "predict" | flags...]``; no subcommand means ``train``."""
     argv = list(sys.argv if argv is None else argv)
-    host_memory.keep_freed_memory()  # before JAX starts its threads
     if len(argv) > 1 and argv[1] == "predict":
         from scannet_jax import cli_predict
 

@@ -5,18 +5,20 @@ are blocks of tens to hundreds of MiB (SCANN+ on 128 QM9 molecules: [14,336, 128
 arrays; ALIGNN on 32 crystals: [86,144, 256] triplet arrays). glibc serves a block above its mmap
 threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it when freed, and it returns freed
 memory at the top of a heap to the kernel, so each step the kernel zero-fills and faults in the
-same pages again. On this project's 2-core CPU that was a fifth of the time of a SCANN+ train
-step (docs/performance.md, "Host memory").
+same pages again (docs/performance.md, "Host memory").
 
 `keep_freed_memory` makes glibc keep them: one arena (XLA's worker threads otherwise allocate in
 per-thread arenas that trim themselves), no ``mmap`` for large blocks, no trimming. The next step
 reuses the pages the last one freed. The cost is a higher peak RSS (freed blocks stay mapped and
 the single heap fragments).
 
-The setting is process-wide and must come before JAX creates its CPU client (the arena limit is
-fixed when the first thread arena is made), so it is made at the program's edge: the command line
-(`scannet_jax.cli.run`) and the benchmark workers call it first. ``SCANNET_JAX_MALLOC=system`` in
-the environment leaves the allocator as it is.
+It pays where a step's arrays are larger than glibc's mmap threshold, and only costs RSS where
+they are not (SCANN+ on QM9: no change in speed, peak RSS 1.8 -> 2.7 GB), so a config asks for it
+(``config.keep_freed_host_memory``: ALIGNN's recipe). The setting is process-wide and must come
+before JAX creates its CPU client (the arena limit is fixed when the first thread arena is made),
+so it is made at the program's edge: the command line (`scannet_jax.cli`) reads the config and
+calls `keep_freed_memory` before it imports the trainer; library users call it first themselves.
+``SCANNET_JAX_MALLOC=system`` in the environment leaves the allocator as it is.
 """
 
 from __future__ import annotations
@@ -33,10 +35,6 @@ OPT_OUT_VARIABLE = "SCANNET_JAX_MALLOC"
 # mallopt's value is an int; glibc stores the trim threshold as a size_t, so -1 is SIZE_MAX: never
 # trim. (2**31 - 1, the largest positive int, is too small: an ALIGNN step frees more than 2 GiB.)
 NEVER_TRIM = -1
-
-# The same settings for a process started with them in its environment (glibc reads these at
-# start-up): a peer's code measured side by side with ours (experiments/compare_original.py).
-ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1)}
 
 _applied = False
 
