@@ -122,14 +122,19 @@ def train_step(state: TrainState, batch: jraph.GraphsTuple | batching.Batch, *, 
 
     (total, (value, sums, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jax.tree.reduce(lambda ok, g: ok & jnp.isfinite(g).all(), grads, jnp.isfinite(total))
-    updated = state.apply_gradients(grads=grads)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(updated.params, state.params),
-        opt_state=keep(updated.opt_state, state.opt_state),
-        model_state=keep(jax.lax.pmean(dict(model_state), parallel.AXIS), state.model_state),
-    )
+    averaged = jax.lax.pmean(dict(model_state), parallel.AXIS)
+
+    def apply(_):
+        updated = state.apply_gradients(grads=grads)
+        return updated.params, updated.opt_state, averaged
+
+    # A conditional, not a per-leaf select: XLA copies a scalar predicate's chain of per-leaf
+    # checks into every leaf's select fusion, which made ALIGNN's train step take 8x longer to
+    # compile (docs/performance.md, "Compile time").
+    params, opt_state, new_model_state = jax.lax.cond(
+        finite, apply, lambda _: (state.params, state.opt_state, state.model_state), None)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=new_model_state)
     metrics = {"loss": jnp.where(finite, total, 0.0), "rmse": jnp.where(finite, value, 0.0),
                **_error_metrics(sums, state.target_std), "steps": jnp.float32(1.0),
                "nonfinite": 1.0 - finite.astype(jnp.float32)}

@@ -170,6 +170,7 @@ def test_recipe_configs_choose_adamw_with_the_one_cycle():
         assert (config.loss, config.batch_size, config.num_epochs, opt.onecycle_epochs) == ("mse", 64, 300, 300)
         assert config.patience == 300 and config.model.name == "alignn"
         assert config.data.graph_builder == "knn_line_graph"
+        assert config.keep_freed_host_memory  # its 88 MiB triplet arrays (host_memory.py)
         tx = train.create_optimizer(config, steps_per_epoch=10)
         state = tx.init({"w": jnp.ones(2), "bias": jnp.ones(2)})
         assert set(state.hyperparams) == {"learning_rate", "b1"}
@@ -184,6 +185,7 @@ def test_recipe_configs_choose_adamw_with_the_one_cycle():
     assert tiny.num_epochs == tiny.optimizer.onecycle_epochs == qm9_config.get_config("homo,tiny").num_epochs
     for other in (qm9_config.get_config("homo"), mp_config.get_config("e_form")):
         assert (other.optimizer.name, other.optimizer.schedule) == ("adam", "sgdr")
+        assert not other.keep_freed_host_memory  # no speed-up there, more peak RSS
 
 
 def test_unknown_optimizer_is_rejected():
