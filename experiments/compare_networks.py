@@ -31,7 +31,7 @@ excluded: the loop's clock starts after the data is loaded; each featurisation i
 shared by the seeds). Compilation is excluded too: a first, untimed run of each network
 (``--warmup``, its first seed, workdir ``*_warmup``) fills a persistent XLA compilation cache
 (``<workdir_root>/xla_cache``) that the measured runs load their programs from; without it the
-bucket shapes' compilations (about a minute each for AMDNet on this CPU) take most of a
+bucket shapes' compilations (4-10 s per train step on this CPU, docs/performance.md) take much of a
 five-minute budget. Runs go on whatever cores the script is pinned to (one,
 with ``taskset -c``, makes wall time CPU time; ``cpu_s`` is measured per run). For band gaps every
 network's test predictions are clipped at 0 (``prediction_floor=0``, the AMDNet evaluation's
