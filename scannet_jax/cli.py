@@ -36,7 +36,7 @@ def train(argv: list[str]) -> None:
     """absl main of ``train``: sets up logging into the workdir and runs `train.train_and_evaluate`."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config.keep_freed_host_memory:
+    if FLAGS.config.get("keep_freed_host_memory", False):
         host_memory.keep_freed_memory()  # before JAX starts its threads
     from scannet_jax import parallel, train as training  # after flag parsing: JAX starts here
 

@@ -61,3 +61,24 @@ def test_opting_out_leaves_glibc_mapping_and_unmapping_large_blocks():
     assert not r["applied"] and not r["again"]
     assert r["mmapped_growth"] >= r["size"]  # glibc's default: a block this size is mmapped
     assert r["mmapped_after_free"] == 0  # and unmapped when freed
+
+
+CLI_PROBE = r"""
+import sys
+from scannet_jax import cli, host_memory, train
+
+train.train_and_evaluate = lambda config, workdir: {}  # the flag handling only, no training
+try:
+    cli.run(["main.py", f"--config={sys.argv[1]}", f"--workdir={sys.argv[2]}"])
+except SystemExit:
+    pass
+print(host_memory._applied)
+"""
+
+
+@glibc
+@pytest.mark.parametrize("config, applied", [("mp:e_form,alignn", "True"), ("qm9:homo", "False")])
+def test_the_command_line_applies_it_where_the_config_asks(tmp_path, config, applied):
+    out = subprocess.run([sys.executable, "-c", CLI_PROBE, config, str(tmp_path / "run")],
+                         env=dict(os.environ, SCANNET_JAX_MALLOC=""), capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == applied
