@@ -13,7 +13,7 @@ reuses the pages the last one freed. The cost is a higher peak RSS (freed blocks
 the single heap fragments).
 
 It pays where a step's arrays are larger than glibc's mmap threshold, and only costs RSS where
-they are not (SCANN+ on QM9: no change in speed, peak RSS 1.8 -> 2.7 GB), so a config asks for it
+they are not (SCANN+ on QM9: no change in speed, peak RSS 1.8 -> 2.7-3.2 GB), so a config asks for it
 (``config.keep_freed_host_memory``: ALIGNN's recipe). The setting is process-wide and must come
 before JAX creates its CPU client (the arena limit is fixed when the first thread arena is made),
 so it is made at the program's edge: the command line (`scannet_jax.cli`) reads the config and
