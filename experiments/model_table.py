@@ -3,7 +3,7 @@
     python experiments/model_table.py          # prints the Markdown table, writes the JSON
 
 Reads the results of `compare_networks.py` (``experiments/results/compare_<study>.json``; the
-default studies are ``e_form``, ``gap``, ``qm9_homo`` and ``gap_oxides``, the split AMDNet
+default studies are ``e_form``, ``gap``, ``qm9_homo``, ``gap_oxides`` and ``e_form_oxides``, the splits AMDNet
 applies to) and writes one row per (task, network): parameters, median training structures/s,
 the test MAE of each seed (best-validation epoch, on the test structures every network of the
 study could featurise) with its mean ± sample standard deviation, and the largest change of a
@@ -71,7 +71,7 @@ def markdown(table: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--studies", default="e_form,gap,qm9_homo,gap_oxides",
+    parser.add_argument("--studies", default="e_form,gap,qm9_homo,gap_oxides,e_form_oxides",
                         help="comma-separated <study> of experiments/results/compare_<study>.json")
     parser.add_argument("--out", default=str(RESULTS / "model_table.json"))
     args = parser.parse_args()
