@@ -58,7 +58,7 @@ def measure(network: str, steps: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--roots", required=True, help="OLD,NEW checkouts (e.g. an exported commit and this one)")
+    parser.add_argument("--roots", default="", help="OLD,NEW checkouts (e.g. an exported commit and this one)")
     parser.add_argument("--networks", default="scannplus,scann,megnet,lstm,alignn")
     parser.add_argument("--steps", type=int, default=4, help="timed train-step calls after the warm-up call")
     parser.add_argument("--rounds", type=int, default=2)
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         Path(args.result).write_text(json.dumps(measure(args.worker, args.steps)))
         return
+    if not args.roots:
+        parser.error("--roots=OLD,NEW is required")
 
     roots = args.roots.split(",")
     runs: dict[str, dict[str, list[dict]]] = {n: {r: [] for r in roots} for n in args.networks.split(",")}
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = Path(tmp) / "result.json"
                     load = os.getloadavg()[0]
                     cmd = [sys.executable, str(Path(__file__).resolve()), f"--worker={network}", f"--result={result}",
-                           f"--steps={args.steps}", f"--roots={args.roots}"]
+                           f"--steps={args.steps}"]
                     proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True,
                                           text=True)
                     if proc.returncode:
