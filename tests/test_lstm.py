@@ -113,7 +113,9 @@ def test_fill_places_end_the_neighbour_sequence(model_and_params):
     water = crystals()[3]
     full = predict(model, params, [inputs(water)])
     short = predict(model, params, [inputs(water, num_neighbours=2)], 3, 1)
-    np.testing.assert_allclose(full[:1], short, rtol=1e-6)
+    # Float32 rounding of the differently shaped computation differs between CPUs (2e-6 seen on
+    # AVX-512); 17 extra LSTM steps would change the prediction far more.
+    np.testing.assert_allclose(full[:1], short, rtol=1e-5)
 
 
 def test_invariant_to_rotation_and_atom_order_not_to_setting(model_and_params):
