@@ -7,4 +7,4 @@ The same command line as the installed ``scannet-jax`` (`scannet_jax.cli`): ``tr
 from scannet_jax import cli
 
 if __name__ == "__main__":
-    cli.run()
+    cli.main()

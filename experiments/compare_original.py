@@ -23,6 +23,9 @@ Tasks, all on the same ``--molecules`` QM9 molecules (seeded sample) with batch 
   predict end to end (structures in, predictions out, 2 featurisation processes, full-size
   SCANN+ with random weights) on ``--predict`` molecules.
 
+Ours runs with transparent huge pages for its heap, as its command line runs it (``--huge-pages``;
+`scannet_jax.host_memory`); each run records its system CPU time and minor page faults.
+
 Figures are medians over rounds with min–max; ratios are ours / original of the medians. Writes
 experiments/results/compare_original.json.
 """
@@ -70,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-neighbours", help="keep the original's neighbour lists (pickle) here")
     parser.add_argument("--ours-root", default=str(REPO),
                         help="checkout whose scannet_jax is measured (e.g. an exported commit)")
+    parser.add_argument("--huge-pages", choices=("ours", "both", "none"), default="ours",
+                        help="which side runs with glibc's transparent huge pages for the heap "
+                        "(host_memory.huge_page_environment): ours, as its command line runs it; both; none")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "compare_original.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # side:task, run in a subprocess
     parser.add_argument("--data", help=argparse.SUPPRESS)  # the molecules (npz) and neighbours (pickle)
@@ -337,6 +343,10 @@ def _run_worker(side: str, task: str, args: argparse.Namespace, data_dir: Path) 
     result = data_dir / f"{side}_{task}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TF_NUM_INTRAOP_THREADS=str(THREADS),
                TF_NUM_INTEROP_THREADS=str(THREADS), PYTHONPATH=args.ours_root if side == "ours" else "")
+    if args.huge_pages == "both" or args.huge_pages == side:
+        from scannet_jax import host_memory
+
+        env = host_memory.huge_page_environment(env) or env
     cmd = [python, str(Path(__file__).resolve()), f"--worker={side}:{task}", f"--data={data_dir}",
            f"--ours-root={args.ours_root}",
            f"--result={result}", f"--batch={args.batch}", f"--epochs={args.epochs}",
@@ -347,7 +357,8 @@ def _run_worker(side: str, task: str, args: argparse.Namespace, data_dir: Path) 
     if proc.returncode:
         raise RuntimeError(f"{side}:{task} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(result.read_text())
-    out.update(wall_s=time.perf_counter() - t0, loadavg_before=load_before, loadavg_after=os.getloadavg())
+    out.update(wall_s=time.perf_counter() - t0, loadavg_before=load_before, loadavg_after=os.getloadavg(),
+               glibc_tunables=env.get("GLIBC_TUNABLES", ""))
     print(f"  {side:8} {task:9} " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()
                                                if isinstance(v, float) and not k.startswith("load"))
           + f", load {load_before[0]:.1f}->{out['loadavg_after'][0]:.1f}", flush=True)
@@ -363,6 +374,8 @@ def main() -> None:
     if args.worker:
         side, task = args.worker.split(":")
         out = (original_worker if side == "original" else ours_worker)(task, args)
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole worker, set-up included
+        out.update(system_cpu_s=usage.ru_stime, minor_faults=usage.ru_minflt)
         Path(args.result).write_text(json.dumps(out))
         return
 
@@ -421,7 +434,7 @@ def write_results(args: argparse.Namespace, runs: dict, tasks: list[str], neighb
         "molecules": f"{args.molecules} QM9 molecules sampled with seed {args.seed}; the original's "
                      f"neighbour lists for training/inference ({neighbours['edges']} edges)",
         "batch": args.batch, "timed_epochs": args.epochs, "rounds": rounds, "tasks_done": tasks, "threads": THREADS,
-        "cpu_count": os.cpu_count(), "original": str(ORIGINAL_SRC), "ours_root": args.ours_root,
+        "huge_pages": args.huge_pages, "cpu_count": os.cpu_count(), "original": str(ORIGINAL_SRC), "ours_root": args.ours_root,
         "loadavg_1min_before_runs": _summary(loads), "figures": figures,
         "runs": {task: runs[task] for task in tasks},
     }

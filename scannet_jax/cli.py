@@ -85,6 +85,13 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def main() -> None:
+    """The process's entry point (``scannet-jax``, ``python main.py``): `run` on ``sys.argv``, in a
+    process restarted once with transparent huge pages for the heap (`host_memory`)."""
+    host_memory.restart_with_huge_pages()
+    run()
+
+
 def run(argv: list[str] | None = None) -> None:
     """Dispatches ``[prog, "train" | "predict" | flags...]``; no subcommand means ``train``."""
     argv = list(sys.argv if argv is None else argv)

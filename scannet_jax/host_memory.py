@@ -12,13 +12,26 @@ per-thread arenas that trim themselves), no ``mmap`` for large blocks, no trimmi
 reuses the pages the last one freed. The cost is a higher peak RSS (freed blocks stay mapped and
 the single heap fragments).
 
-It pays where a step's arrays are larger than glibc's mmap threshold, and only costs RSS where
-they are not (SCANN+ on QM9: no change in speed, peak RSS 1.8 -> 2.7-3.2 GB), so a config asks for it
-(``config.keep_freed_host_memory``: ALIGNN's recipe). The setting is process-wide and must come
-before JAX creates its CPU client (the arena limit is fixed when the first thread arena is made),
-so it is made at the program's edge: the command line (`scannet_jax.cli`) reads the config and
-calls `keep_freed_memory` before it imports the trainer; library users call it first themselves.
-``SCANNET_JAX_MALLOC=system`` in the environment leaves the allocator as it is.
+Every page the kernel hands out is zero-filled on its first touch, and on some hosts a fault is
+expensive: on a 2-core AMD EPYC virtual machine (Zen 5) the SCANN+ train step on 128 QM9 molecules
+took 178,000 minor faults and 286 ms of system time per step, most of its 381 ms. Two settings
+remove that cost (docs/performance.md, "Page faults"):
+
+* `keep_freed_memory`: one arena (XLA's worker threads otherwise allocate in per-thread arenas
+  that trim themselves), no ``mmap`` for large blocks, no trimming, so the next step reuses the
+  pages the last one freed. The cost is a higher peak RSS (freed blocks stay mapped and the single
+  heap fragments). A config asks for it (``config.keep_freed_host_memory``); it is a ``mallopt``
+  made before JAX creates its CPU client (the arena limit is fixed when the first thread arena is
+  made), so the command line (`scannet_jax.cli`) makes it after reading the config and before it
+  imports the trainer; library users call it first themselves.
+* Transparent huge pages for the heap (`restart_with_huge_pages`): glibc's
+  ``glibc.malloc.hugetlb=1`` tunable makes malloc ``madvise(MADV_HUGEPAGE)`` what it maps, so the
+  kernel faults in 2 MiB at a time where its THP mode is ``madvise`` (the common default) or
+  ``always``. glibc reads tunables only when a process starts, from ``GLIBC_TUNABLES``, so the
+  command line's entry point re-executes itself once with the variable added; library users set
+  it in their environment (`huge_page_environment` gives it).
+
+``SCANNET_JAX_MALLOC=system`` in the environment leaves the allocator as it is (both settings).
 """
 
 from __future__ import annotations
@@ -26,6 +39,9 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 # mallopt(3) parameters, glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -61,3 +77,44 @@ def keep_freed_memory() -> bool:
             raise RuntimeError(f"host_memory: glibc's mallopt({name}, {value}) failed")
     _applied = True
     return True
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_page_environment(environ: Mapping[str, str] | None = None,
+                          thp_mode_file: Path = THP_MODE_FILE) -> dict[str, str] | None:
+    """``environ`` (default ``os.environ``) with ``glibc.malloc.hugetlb=1`` added to ``GLIBC_TUNABLES``.
+
+    Returns None where starting a process with it would change nothing: glibc's hugetlb tunable
+    already set (to any value), ``SCANNET_JAX_MALLOC=system``, a C library other than glibc, or a
+    kernel without transparent huge pages (no ``thp_mode_file``, or its mode ``[never]``).
+    """
+    env = dict(os.environ if environ is None else environ)
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if (env.get(OPT_OUT_VARIABLE, "") == "system" or platform.libc_ver()[0] != "glibc"
+            or "glibc.malloc.hugetlb=" in tunables):
+        return None
+    try:
+        mode = thp_mode_file.read_text()
+    except OSError:
+        return None
+    if "[never]" in mode:
+        return None
+    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    return env
+
+
+def restart_with_huge_pages() -> None:
+    """Re-executes this process (same interpreter, same arguments) under `huge_page_environment`.
+
+    Returns without doing anything where that environment is None, which it is in the restarted
+    process, so this restarts at most once. Call it first thing, before any work or output.
+    """
+    env = huge_page_environment()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)

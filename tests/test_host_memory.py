@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from scannet_jax import host_memory  # importing it changes nothing; the probes apply it
+
 PROBE = r"""
 import ctypes, json, sys
 from scannet_jax import host_memory
@@ -83,3 +85,62 @@ def test_the_command_line_applies_it_where_the_config_asks(tmp_path, config, app
     out = subprocess.run([sys.executable, "-c", CLI_PROBE, config, str(tmp_path / "run")],
                          env=dict(os.environ, SCANNET_JAX_MALLOC=""), capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == applied
+
+
+def _thp_file(tmp_path, mode: str):
+    path = tmp_path / "enabled"
+    path.write_text(mode)
+    return path
+
+
+@glibc
+def test_huge_page_environment_adds_the_tunable_once_and_keeps_the_others(tmp_path):
+    madvise = _thp_file(tmp_path, "always [madvise] never\n")
+    env = host_memory.huge_page_environment({"PATH": "/bin"}, madvise)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, madvise)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert host_memory.huge_page_environment(env, madvise) is None  # set: the restarted process stops
+    assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, madvise) is None
+    assert host_memory.huge_page_environment({"SCANNET_JAX_MALLOC": "system"}, madvise) is None
+    assert host_memory.huge_page_environment({}, _thp_file(tmp_path, "[always] madvise never\n")) is not None
+    assert host_memory.huge_page_environment({}, _thp_file(tmp_path, "always madvise [never]\n")) is None
+    assert host_memory.huge_page_environment({}, tmp_path / "absent") is None
+
+
+HUGE_PAGE_PROBE = r"""
+import ctypes, json, os, sys
+from scannet_jax import cli, host_memory
+
+def anon_huge_kib():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+
+cli.run = lambda: None  # the entry point's restart only
+cli.main()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+before = anon_huge_kib()
+size = 64 << 20
+ctypes.memset(libc.malloc(size), 1, size)
+print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
+                  "huge_kib": anon_huge_kib() - before}))
+"""
+
+
+@glibc
+@pytest.mark.parametrize("opt_out", ["", "system"])
+def test_the_entry_point_restarts_once_with_huge_pages_for_the_heap(opt_out):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE, "an-argument"], capture_output=True,
+                         text=True, check=True, env=dict(env, SCANNET_JAX_MALLOC=opt_out))
+    (line,) = out.stdout.splitlines()  # one process printed: restarted at most once
+    r = json.loads(line)
+    assert r["argv"] == ["an-argument"]  # the same arguments after the restart
+    thp = host_memory.huge_page_environment({}) is not None  # this kernel has transparent huge pages
+    if opt_out or not thp:
+        assert r["tunables"] is None
+    else:
+        assert r["tunables"] == "glibc.malloc.hugetlb=1"
+        assert r["huge_kib"] >= 32 << 10  # most of the 64 MiB block is in 2 MiB pages
