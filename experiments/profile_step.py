@@ -22,6 +22,10 @@ With ``--roots=OLD,NEW`` (two checkouts, e.g. an exported earlier commit and thi
 instead times the steps of each checkout's ``scannet_jax`` in separate subprocesses, alternating
 which goes first, ``--rounds`` times, and reports medians with min–max side by side (no trace),
 in wall time and in CPU time of the process (less disturbed by other work on a shared machine).
+``--allocators=system,huge_pages`` does the same for one checkout under host-allocator settings
+(`scannet_jax.host_memory`): ``system`` (glibc as it is), ``huge_pages`` (transparent huge pages
+for the heap, as the command line runs), ``keep`` (freed memory kept), ``huge_pages+keep``; the
+timings then include system CPU time and minor page faults per step.
 
 Writes experiments/results/profile_step.json (the comparison under "before_after").
 """
@@ -235,7 +239,14 @@ def _variant_steps(store, variant: str, batch_size: int):
 
 
 def _time_steps(args) -> dict:
-    """Wall ms/step and CPU ms/step (all threads) of the train and eval steps of every variant."""
+    """Wall ms/step, CPU ms/step (all threads), system CPU ms/step and minor page faults per step of
+    the train and eval steps of every variant."""
+    import resource
+
+    if "keep" in args.timing_allocator.split("+"):
+        from scannet_jax import host_memory
+
+        host_memory.keep_freed_memory()  # before JAX starts
     import jax
 
     store = _setup(args)
@@ -244,36 +255,61 @@ def _time_steps(args) -> dict:
         train_call, eval_call, step_args, _ = _variant_steps(store, variant, args.batch)
         for name, fn in (("train", train_call), ("eval", eval_call)):
             jax.block_until_ready(fn(*step_args()))
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, u0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(args.steps):
                 jax.block_until_ready(fn(*step_args()))
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
             out[f"{variant}/{name}"] = 1e3 * (time.perf_counter() - t0) / args.steps
             out[f"{variant}/{name} cpu"] = 1e3 * (time.process_time() - c0) / args.steps
+            if args.timing_allocator:
+                out[f"{variant}/{name} sys"] = 1e3 * (u1.ru_stime - u0.ru_stime) / args.steps
+                out[f"{variant}/{name} faults"] = (u1.ru_minflt - u0.ru_minflt) / args.steps
     return out
 
 
+def _allocator_environment(allocator: str) -> dict[str, str]:
+    """This process's environment with glibc's huge-page tunable added (``huge_pages`` in
+    ``allocator``) or removed."""
+    from scannet_jax import host_memory
+
+    env = dict(os.environ, SCANNET_JAX_MALLOC="")
+    kept = [t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    if "huge_pages" in allocator.split("+"):
+        env = host_memory.huge_page_environment(env) or env
+    return env
+
+
 def compare_roots(args) -> dict:
-    """Interleaved subprocess timings of the steps of each checkout in ``args.roots``."""
+    """Interleaved subprocess timings of the steps of each checkout in ``args.roots``, or of this
+    checkout under each host-allocator setting in ``args.allocators``."""
     import statistics
     import subprocess
 
-    roots = args.roots.split(",")
+    if args.allocators:
+        setups = {a: (str(REPO), a, _allocator_environment(a)) for a in args.allocators.split(",")}
+    else:
+        setups = {root: (root, "", dict(os.environ)) for root in args.roots.split(",")}
+    roots = list(setups)
     runs: dict[str, list[dict]] = {root: [] for root in roots}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for root in (roots if r % 2 == 0 else roots[::-1]):
+            for name in (roots if r % 2 == 0 else roots[::-1]):
+                root, allocator, env = setups[name]
                 result = Path(tmp) / "times.json"
                 load = os.getloadavg()[0]
                 cmd = [sys.executable, str(Path(__file__).resolve()), f"--timing-root={root}", f"--out={result}",
+                       f"--timing-allocator={allocator}",
                        f"--variants={args.variants}", f"--molecules={args.molecules}", f"--batch={args.batch}",
                        f"--steps={args.steps}", f"--seed={args.seed}"]
-                proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True,
+                proc = subprocess.run(cmd, cwd=root, env=dict(env, PYTHONPATH=root), capture_output=True,
                                       text=True)
                 if proc.returncode:
-                    raise RuntimeError(f"{root} failed:\n{proc.stderr[-3000:]}")
+                    raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
                 times = json.loads(result.read_text())
-                runs[root].append(dict(times, loadavg_before=load))
-                print(f"  round {r + 1} {root}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in times.items())
+                runs[name].append(dict(times, loadavg_before=load))
+                print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
                       + f" (load {load:.1f})", flush=True)
     keys = [k for k in runs[roots[0]][0] if k != "loadavg_before"]
     table = {}
@@ -283,12 +319,14 @@ def compare_roots(args) -> dict:
                for root in roots}
         row["speedup"] = row[roots[0]]["median_ms"] / row[roots[-1]]["median_ms"]
         table[key] = row
-    print(f"\n{'step':18}" + "".join(f"{Path(r).name + ' ms (min-max)':>28}" for r in roots) + f"{'speedup':>9}")
+    # keys: "<variant>/<step>" wall ms, "... cpu" ms, "... sys" ms, "... faults" per step; ratio first / last
+    print(f"\n{'step':22}" + "".join(f"{Path(r).name + ' (min-max)':>28}" for r in roots) + f"{'ratio':>9}")
     for key, row in table.items():
         cells = "".join(f"{row[r]['median_ms']:>14.0f} ({row[r]['min_ms']:.0f}-{row[r]['max_ms']:.0f})".rjust(28)
                         for r in roots)
-        print(f"{key:18}{cells}{row['speedup']:9.2f}")
-    return {"roots": roots, "rounds": args.rounds, "steps": args.steps, "table": table, "runs": runs}
+        print(f"{key:22}{cells}{row['speedup']:9.2f}")
+    return {"setups": {n: {"root": root, "allocator": a, "glibc_tunables": env.get("GLIBC_TUNABLES", "")}
+                       for n, (root, a, env) in setups.items()}, "rounds": args.rounds, "steps": args.steps, "table": table, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--roots", default="", help="OLD,NEW checkouts to time side by side instead")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --roots")
-    parser.add_argument("--timing-root", help=argparse.SUPPRESS)  # worker of --roots
+    parser.add_argument("--allocators", default="", help="host-allocator settings to time side by side instead, "
+                        "e.g. system,huge_pages (see the module doc)")
+    parser.add_argument("--timing-root", help=argparse.SUPPRESS)  # worker of --roots / --allocators
+    parser.add_argument("--timing-allocator", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "profile_step.json"))
     args = parser.parse_args(argv)
     if args.timing_root:
@@ -308,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(_time_steps(args)))
         return
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    if args.roots:
-        previous["before_after"] = dict(compare_roots(args), loadavg_after=os.getloadavg(),
+    if args.roots or args.allocators:
+        previous["allocators" if args.allocators else "before_after"] = dict(compare_roots(args), loadavg_after=os.getloadavg(),
                                         command="python experiments/profile_step.py " + " ".join(sys.argv[1:]))
         Path(args.out).write_text(json.dumps(previous, indent=1) + "\n")
         return
