@@ -317,7 +317,8 @@ def compare_roots(args) -> dict:
         row = {root: {"median_ms": statistics.median(x[key] for x in runs[root]),
                       "min_ms": min(x[key] for x in runs[root]), "max_ms": max(x[key] for x in runs[root])}
                for root in roots}
-        row["speedup"] = row[roots[0]]["median_ms"] / row[roots[-1]]["median_ms"]
+        last = row[roots[-1]]["median_ms"]
+        row["speedup"] = row[roots[0]]["median_ms"] / last if last else float("nan")  # faults can be 0
         table[key] = row
     # keys: "<variant>/<step>" wall ms, "... cpu" ms, "... sys" ms, "... faults" per step; ratio first / last
     print(f"\n{'step':22}" + "".join(f"{Path(r).name + ' (min-max)':>28}" for r in roots) + f"{'ratio':>9}")
