@@ -55,6 +55,11 @@ NEVER_TRIM = -1
 _applied = False
 
 
+def _left_as_it_is(environ: Mapping[str, str]) -> bool:
+    """True where no setting of this module applies: opted out, or a C library other than glibc."""
+    return environ.get(OPT_OUT_VARIABLE, "") == "system" or platform.libc_ver()[0] != "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed host memory in the process for reuse (see the module doc).
 
@@ -68,7 +73,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(OPT_OUT_VARIABLE, "") == "system" or platform.libc_ver()[0] != "glibc":
+    if _left_as_it_is(os.environ):
         return False
     libc = ctypes.CDLL("libc.so.6")
     for name, param, value in (("M_ARENA_MAX", M_ARENA_MAX, 1), ("M_MMAP_MAX", M_MMAP_MAX, 0),
@@ -93,8 +98,7 @@ def huge_page_environment(environ: Mapping[str, str] | None = None,
     """
     env = dict(os.environ if environ is None else environ)
     tunables = env.get("GLIBC_TUNABLES", "")
-    if (env.get(OPT_OUT_VARIABLE, "") == "system" or platform.libc_ver()[0] != "glibc"
-            or "glibc.malloc.hugetlb=" in tunables):
+    if _left_as_it_is(env) or "glibc.malloc.hugetlb=" in tunables:
         return None
     try:
         mode = thp_mode_file.read_text()
