@@ -14,7 +14,7 @@ the single heap fragments).
 
 Every page the kernel hands out is zero-filled on its first touch, and on some hosts a fault is
 expensive: on a 2-core AMD EPYC virtual machine (Zen 5) the SCANN+ train step on 128 QM9 molecules
-took 178,000 minor faults and 286 ms of system time per step, most of its 381 ms. Two settings
+took 177,711 minor faults and 332 ms of system CPU time per step, and 395 ms wall. Two settings
 remove that cost (docs/performance.md, "Page faults"):
 
 * `keep_freed_memory`: one arena (XLA's worker threads otherwise allocate in per-thread arenas
